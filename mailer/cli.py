@@ -1,0 +1,471 @@
+"""`mailer`: a thin typer shell over the service layer.
+
+The environment is read here, once, and turned into Settings; errors a user caused are printed
+as one line and mapped to exit codes (0 ok, 1 finished with failures, 2 bad input).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy.exc import OperationalError
+
+from mailer.config import load_settings, redact_url
+from mailer.errors import MailerError
+from mailer.imports import ImportSummary
+from mailer.models import ConsentStatus, as_utc
+from mailer.service import Mailer
+from mailer.suppression import parse_reason
+
+app = typer.Typer(
+    help="Email marketing with consent as a gate: contacts, consent, suppression, campaigns.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+contacts_app = typer.Typer(help="Import and inspect contacts.", no_args_is_help=True)
+consent_app = typer.Typer(help="Record consent given or withdrawn outside mailer.", no_args_is_help=True)
+suppressions_app = typer.Typer(help="The suppression list.", no_args_is_help=True)
+vendors_app = typer.Typer(help="Vendor attestations for bought lists.", no_args_is_help=True)
+app.add_typer(contacts_app, name="contacts")
+app.add_typer(consent_app, name="consent")
+app.add_typer(suppressions_app, name="suppressions")
+app.add_typer(vendors_app, name="vendors")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def handled(fn: Callable[P, R]) -> Callable[P, R]:
+    """Print MailerErrors (and an unreachable database) as one line with the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except MailerError as exc:
+            err.print(f"error: {exc}", markup=False)
+            raise typer.Exit(exc.exit_code) from None
+        except OperationalError as exc:
+            first = str(exc.orig).strip().splitlines()[0] if exc.orig else "operational error"
+            err.print(f"error: database error: {first}", markup=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _mailer(ctx: typer.Context, *, ready: bool = True) -> Mailer:
+    state: dict[str, Any] = ctx.ensure_object(dict)
+    settings = load_settings(dict(os.environ), database_url=state.get("db"))
+    mailer = Mailer(settings)
+    ctx.call_on_close(mailer.close)
+    return mailer.ready() if ready else mailer
+
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", help="Database URL (default: MAILER_DATABASE_URL, else ./mailer.db)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+@app.callback()
+def root(ctx: typer.Context, db: DbOption = None) -> None:
+    ctx.ensure_object(dict)["db"] = db
+
+
+@app.command()
+@handled
+def init(ctx: typer.Context) -> None:
+    """Create the database schema, or upgrade it; safe to run again."""
+    mailer = _mailer(ctx, ready=False)
+    result = mailer.init()
+    where = redact_url(mailer.settings.database_url)
+    if result.revision_before == result.revision_after:
+        out.print(f"Database {where} is up to date (schema {result.revision_after}).")
+    elif result.revision_before is None:
+        out.print(f"Created the database schema in {where} (schema {result.revision_after}).")
+    else:
+        out.print(
+            f"Upgraded {where} from schema {result.revision_before} to {result.revision_after}."
+        )
+    if result.key_file_created is not None:
+        out.print(
+            f"Generated a secret key in {result.key_file_created} (readable by you only); "
+            "mailer finds it there next time. Back it up: suppression hashes depend on it."
+        )
+
+
+# -- contacts ------------------------------------------------------------------------------------
+
+
+def _print_import_summary(summary: ImportSummary, rejects: Path | None) -> None:
+    table = Table(title=f"Import of {summary.path}", show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("rows read", str(summary.rows_read))
+    table.add_row("new contacts", str(summary.new))
+    table.add_row("merged into existing contacts", str(summary.merged))
+    if summary.duplicates:
+        table.add_row("repeated addresses in the file", str(summary.duplicates))
+    table.add_row("consent granted", str(summary.consent_granted))
+    if summary.consent_unchanged:
+        table.add_row("consent already on record", str(summary.consent_unchanged))
+    for reason, count in sorted(summary.consent_ignored.items()):
+        table.add_row(f"consent ignored: {reason.replace('_', ' ')}", str(count))
+    table.add_row("suppressed addresses", str(summary.suppressed))
+    table.add_row("rejected rows", str(summary.rejected_total))
+    for reason, count in sorted(summary.rejected.items()):
+        table.add_row(f"  rejected: {reason.replace('_', ' ')}", str(count))
+    out.print(table)
+    for reject in summary.rejects:
+        out.print(f"row {reject.row_number}: {reject.field}: {reject.message}", markup=False)
+    if summary.rejected_total > len(summary.rejects):
+        more = summary.rejected_total - len(summary.rejects)
+        hint = f"; all are in {rejects}" if rejects else "; use --rejects FILE.csv for all"
+        out.print(f"... and {more} more rejected rows{hint}", markup=False)
+    if not summary.written:
+        out.print("--strict: some rows were bad, so nothing was written.")
+
+
+@contacts_app.command("import")
+@handled
+def contacts_import(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="Contacts CSV (UTF-8, header row, `email` column).")],
+    vendor: Annotated[
+        str | None, typer.Option(help="The list was bought from this vendor (needs --attestation).")
+    ] = None,
+    attestation: Annotated[
+        Path | None, typer.Option(help="The vendor's lawful-source attestation (TOML).")
+    ] = None,
+    strict: Annotated[bool, typer.Option(help="Write nothing if any row is bad.")] = False,
+    rejects: Annotated[
+        Path | None, typer.Option(help="Write every rejected row, with reason, to this CSV.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import contacts; consent only where a row carries complete evidence."""
+    mailer = _mailer(ctx)
+    summary = mailer.import_contacts(
+        file, vendor=vendor, attestation=attestation, strict=strict, rejects=rejects
+    )
+    if as_json:
+        out.print(json.dumps(summary.as_dict(), indent=2), markup=False)
+    else:
+        _print_import_summary(summary, rejects)
+    if not summary.written:
+        raise typer.Exit(2)
+    if summary.rejected_total:
+        raise typer.Exit(1)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if hasattr(value, "isoformat") and hasattr(value, "tzinfo"):
+        return as_utc(value).strftime("%Y-%m-%d %H:%M:%SZ")
+    return str(value)
+
+
+@contacts_app.command("show")
+@handled
+def contacts_show(
+    ctx: typer.Context,
+    email: Annotated[str, typer.Argument(help="The contact's address, in any capitalisation.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show a contact, its current consent per purpose and its full consent history."""
+    view = _mailer(ctx).show_contact(email)
+    contact = view.contact
+    if as_json:
+        payload = {
+            "email": contact.email,
+            "name": contact.name,
+            "first_name": contact.first_name,
+            "last_name": contact.last_name,
+            "locale": contact.locale,
+            "tags": view.tags,
+            "attributes": contact.attributes,
+            "created_at": _fmt(contact.created_at),
+            "consent": {
+                p: {"status": s.status.value, "since": _fmt(s.consent_at), "source": s.source}
+                for p, s in sorted(view.states.items())
+            },
+            "suppressions": [
+                {"reason": s.reason, "since": _fmt(s.created_at), "lifted_at": _fmt(s.lifted_at)}
+                for s in view.suppressions
+            ],
+            "history": [
+                {
+                    "id": r.id,
+                    "purpose": r.purpose,
+                    "status": r.status,
+                    "method": r.method,
+                    "source": r.source,
+                    "consent_at": _fmt(r.consent_at),
+                    "recorded_at": _fmt(r.recorded_at),
+                    "policy_version": r.policy_version,
+                    "ip_masked": r.ip_masked,
+                    "attestation_id": r.attestation_id,
+                    "import_id": r.import_id,
+                    "evidence": r.evidence,
+                    "note": r.note,
+                }
+                for r in view.history
+            ],
+            "sources": [
+                {"import_id": b.id, "file": b.filename, "vendor": b.vendor, "row": n}
+                for b, n in view.sources
+            ],
+        }
+        out.print(json.dumps(payload, indent=2, ensure_ascii=False), markup=False)
+        return
+    out.print(f"[bold]{contact.email}[/bold]")
+    for label, value in (
+        ("name", contact.name),
+        ("first name", contact.first_name),
+        ("last name", contact.last_name),
+        ("locale", contact.locale),
+        ("tags", ", ".join(view.tags)),
+        ("attributes", ", ".join(f"{k}={v}" for k, v in sorted(contact.attributes.items()))),
+        ("added", _fmt(contact.created_at)),
+    ):
+        if value:
+            out.print(f"  {label}: {value}", markup=False)
+    for batch, row_number in view.sources:
+        origin = f"vendor {batch.vendor}, " if batch.vendor else ""
+        out.print(f"  source: import {batch.id} ({origin}{batch.filename}, row {row_number})", markup=False)
+    active = [s for s in view.suppressions if s.lifted_at is None]
+    for s in view.suppressions:
+        lifted = f", lifted {_fmt(s.lifted_at)}" if s.lifted_at else ""
+        out.print(f"  suppressed: {s.reason} since {_fmt(s.created_at)}{lifted}", markup=False)
+
+    state_table = Table(title="Current consent")
+    for column in ("purpose", "status", "since", "method", "source", "mailable"):
+        state_table.add_column(column)
+    for purpose, state in sorted(view.states.items()):
+        state_table.add_row(
+            purpose,
+            state.status.value,
+            _fmt(state.consent_at),
+            state.method,
+            state.source,
+            "yes" if state.allows and not active else "no",
+        )
+    out.print(state_table)
+
+    ledger = Table(title="Consent history (append-only ledger)")
+    for column in ("#", "purpose", "status", "method", "source", "consent at", "evidence"):
+        ledger.add_column(column)
+    for r in view.history:
+        evidence = ", ".join(
+            part
+            for part in (
+                r.evidence,
+                f"attestation {r.attestation_id}" if r.attestation_id else None,
+                f"policy {r.policy_version}" if r.policy_version else None,
+                f"ip {r.ip_masked}" if r.ip_masked else None,
+                f"note: {r.note}" if r.note else None,
+            )
+            if part
+        )
+        ledger.add_row(
+            str(r.id), r.purpose, r.status, r.method, r.source, _fmt(r.consent_at), evidence
+        )
+    out.print(ledger)
+
+
+# -- consent and suppression ---------------------------------------------------------------------
+
+PurposeOption = Annotated[str, typer.Option("--purpose", help="marketing, tracking, ...")]
+SourceOption = Annotated[
+    str, typer.Option("--source", help="How the person told you: phone, letter, privacy-mail, ...")
+]
+NoteOption = Annotated[str | None, typer.Option("--note", help="Free text kept with the record.")]
+
+
+def _consent_command(
+    ctx: typer.Context, email: str, purpose: str, source: str, note: str | None, status: ConsentStatus
+) -> None:
+    change = _mailer(ctx).record_consent(email, purpose, status, source=source, note=note)
+    verb = "granted" if status is ConsentStatus.GRANTED else "withdrawn"
+    created = " (new contact)" if change.contact_created else ""
+    out.print(
+        f"Recorded: {change.record.purpose} consent {verb} for {change.contact.email}{created} "
+        f"(ledger row {change.record.id}).",
+        markup=False,
+    )
+    if status is ConsentStatus.GRANTED and change.suppressed_reasons:
+        out.print(
+            f"Note: the address stays suppressed ({', '.join(change.suppressed_reasons)}); "
+            "only the person's own confirmed double opt-in lifts an unsubscribe.",
+            markup=False,
+        )
+
+
+@consent_app.command("grant")
+@handled
+def consent_grant(
+    ctx: typer.Context,
+    email: str,
+    purpose: PurposeOption,
+    source: SourceOption,
+    note: NoteOption = None,
+) -> None:
+    """Record consent a person gave by phone, letter or mail."""
+    _consent_command(ctx, email, purpose, source, note, ConsentStatus.GRANTED)
+
+
+@consent_app.command("withdraw")
+@handled
+def consent_withdraw(
+    ctx: typer.Context,
+    email: str,
+    purpose: PurposeOption,
+    source: SourceOption,
+    note: NoteOption = None,
+) -> None:
+    """Record a withdrawal a person made by phone, letter or mail (takes effect at once)."""
+    _consent_command(ctx, email, purpose, source, note, ConsentStatus.WITHDRAWN)
+
+
+@app.command()
+@handled
+def suppress(
+    ctx: typer.Context,
+    email: str,
+    reason: Annotated[
+        str, typer.Option(help="unsubscribed, hard_bounce, complaint, erased or manual")
+    ] = "manual",
+    note: NoteOption = None,
+) -> None:
+    """Put an address on the suppression list: it is never mailed again."""
+    parsed = parse_reason(reason)
+    result = _mailer(ctx).suppress(email, parsed, note)
+    if result.created:
+        out.print(f"Suppressed ({parsed.value}).")
+    else:
+        out.print(f"Already suppressed ({parsed.value}) since {_fmt(result.suppression.created_at)}.")
+
+
+@suppressions_app.command("list")
+@handled
+def suppressions_list(
+    ctx: typer.Context,
+    reason: Annotated[str | None, typer.Option(help="Only this reason.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List suppressions. Addresses are kept only as keyed hashes, so hashes are shown."""
+    rows = _mailer(ctx).suppressions(parse_reason(reason) if reason else None)
+    if as_json:
+        payload = [
+            {
+                "id": s.id,
+                "address_hash": s.address_hash,
+                "reason": s.reason,
+                "source": s.source,
+                "created_at": _fmt(s.created_at),
+                "lifted_at": _fmt(s.lifted_at) or None,
+            }
+            for s in rows
+        ]
+        out.print(json.dumps(payload, indent=2), markup=False)
+        return
+    table = Table(title=f"Suppression list ({len(rows)})")
+    for column in ("id", "address hash", "reason", "since", "source", "lifted"):
+        table.add_column(column)
+    for s in rows:
+        table.add_row(
+            str(s.id), s.address_hash[:16] + "…", s.reason, _fmt(s.created_at), s.source, _fmt(s.lifted_at)
+        )
+    out.print(table)
+
+
+# -- vendors -------------------------------------------------------------------------------------
+
+
+@vendors_app.command("list")
+@handled
+def vendors_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Attestations with the imports, contacts and consents that rest on them."""
+    rows = _mailer(ctx).vendors()
+    if as_json:
+        payload = [
+            {
+                "id": r.attestation.id,
+                "vendor": r.attestation.vendor,
+                "lawful_basis": r.attestation.lawful_basis,
+                "purposes": r.attestation.purposes,
+                "collected_from": r.attestation.collected_from.isoformat(),
+                "collected_to": r.attestation.collected_to.isoformat(),
+                "signed_by": r.attestation.signed_by,
+                "document_sha256": r.attestation.document_sha256,
+                "imports": r.imports,
+                "contacts": r.contacts,
+                "consents_granted": r.consents_granted,
+                "consents_in_force": r.consents_current,
+                "revoked_at": _fmt(r.attestation.revoked_at) or None,
+            }
+            for r in rows
+        ]
+        out.print(json.dumps(payload, indent=2), markup=False)
+        return
+    table = Table(title="Vendor attestations")
+    for column in ("id", "vendor", "basis", "purposes", "period", "signed by", "imports",
+                   "contacts", "granted", "in force", "revoked"):
+        table.add_column(column)
+    for r in rows:
+        a = r.attestation
+        table.add_row(
+            str(a.id), a.vendor, a.lawful_basis, ", ".join(a.purposes),
+            f"{a.collected_from} – {a.collected_to}", a.signed_by, str(r.imports),
+            str(r.contacts), str(r.consents_granted), str(r.consents_current),
+            _fmt(a.revoked_at) + (f" ({a.revoke_reason})" if a.revoke_reason else ""),
+        )
+    out.print(table)
+
+
+@vendors_app.command("revoke")
+@handled
+def vendors_revoke(
+    ctx: typer.Context,
+    attestation_id: Annotated[int, typer.Argument(metavar="ID")],
+    reason: Annotated[str, typer.Option(help="Why the attestation no longer holds.")],
+) -> None:
+    """Withdraw every consent an attestation granted (new ledger rows; nothing is deleted)."""
+    count = _mailer(ctx).revoke_attestation(attestation_id, reason)
+    out.print(f"Revoked attestation {attestation_id}: withdrew {count} consents it had granted.")
+
+
+@app.command()
+@handled
+def demo(
+    folder: Annotated[
+        Path, typer.Option("--dir", help="Folder for the demo database and files.")
+    ] = Path("mailer-demo"),
+) -> None:
+    """The quick start: a fresh SQLite database with contacts in every consent state."""
+    from mailer.demo import run_demo
+
+    run_demo(folder, out)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)

@@ -1,0 +1,228 @@
+"""Settings, built once from MAILER_* variables and an optional mailer.toml, then passed explicitly.
+
+Nothing else in mailer reads the environment. Precedence: command-line option, then environment,
+then the configuration file, then the defaults below.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from mailer.errors import ConfigError
+
+DEFAULT_SQLITE_FILE = "mailer.db"
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
+CONFIG_FILE = "mailer.toml"
+KEY_FILE_SUFFIX = ".keys"
+MIN_KEY_LENGTH = 32
+
+_KNOWN_FILE_KEYS = {
+    "database_url",
+    "secret_keys",
+    "base_url",
+    "require_double_opt_in",
+    "operator",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    secret_keys: tuple[str, ...]
+    base_url: str = DEFAULT_BASE_URL
+    require_double_opt_in: bool = False
+    operator: str = "operator"
+    key_file: Path | None = None
+    config_file: Path | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def signing_key(self) -> str:
+        """The newest key: it signs; all keys verify."""
+        if not self.secret_keys:
+            raise ConfigError(_missing_key_message(self))
+        return self.secret_keys[-1]
+
+    @property
+    def suppression_key(self) -> bytes:
+        """Keys the suppression hashes. Derived from the oldest key, so that adding keys for token
+        rotation never changes the hash of an address that is already suppressed."""
+        if not self.secret_keys:
+            raise ConfigError(_missing_key_message(self))
+        return hmac.new(
+            self.secret_keys[0].encode(), b"mailer.suppression.v1", hashlib.sha256
+        ).digest()
+
+    @property
+    def suppression_key_fingerprint(self) -> str:
+        return hashlib.sha256(b"fingerprint:" + self.suppression_key).hexdigest()[:16]
+
+    def display_database_url(self) -> str:
+        """The database URL without its password, for messages and logs."""
+        return redact_url(self.database_url)
+
+
+def redact_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable URL>"
+
+
+def _missing_key_message(settings: Settings) -> str:
+    if settings.is_sqlite:
+        return "no secret key configured: run `mailer init` to generate one, or set MAILER_SECRET_KEYS"
+    return (
+        "no secret key configured for this production database: set MAILER_SECRET_KEYS "
+        "(comma-separated, newest last) or secret_keys in mailer.toml"
+    )
+
+
+def normalise_database_url(raw: str) -> str:
+    """`postgresql://` means psycopg 3; anything else is passed to SQLAlchemy as given."""
+    try:
+        url: URL = make_url(raw)
+    except ArgumentError as exc:
+        raise ConfigError(f"invalid database URL {raw!r}: {exc}") from exc
+    if url.drivername in {"postgresql", "postgres"}:
+        url = url.set(drivername="postgresql+psycopg")
+    elif url.drivername.startswith("sqlite"):
+        pass
+    elif not url.drivername.startswith("postgresql+"):
+        raise ConfigError(
+            f"unsupported database {url.drivername!r}: use sqlite:///FILE or postgresql://..."
+        )
+    return url.render_as_string(hide_password=False)
+
+
+def sqlite_path(database_url: str) -> Path | None:
+    url = make_url(database_url)
+    if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+def key_file_for(database_url: str) -> Path | None:
+    """Where `mailer init` keeps the generated key of an embedded database: beside the file."""
+    path = sqlite_path(database_url)
+    return path.with_name(path.name + KEY_FILE_SUFFIX) if path else None
+
+
+def parse_keys(raw: str, origin: str) -> tuple[str, ...]:
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    for key in keys:
+        if len(key) < MIN_KEY_LENGTH:
+            raise ConfigError(
+                f"{origin}: every secret key must be at least {MIN_KEY_LENGTH} characters"
+            )
+    return keys
+
+
+def _parse_bool(raw: object, origin: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{origin}: expected true or false, got {raw!r}")
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    section = data.get("mailer", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: expected a [mailer] table")
+    unknown = sorted(set(section) - _KNOWN_FILE_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}")
+    return section
+
+
+def load_settings(
+    env: Mapping[str, str],
+    *,
+    database_url: str | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Build the settings from a snapshot of the environment (passed in, never read here)."""
+    cwd = cwd or Path.cwd()
+    config_path_raw = env.get("MAILER_CONFIG")
+    config_path = Path(config_path_raw) if config_path_raw else cwd / CONFIG_FILE
+    file_values: dict[str, Any] = {}
+    if config_path_raw or config_path.exists():
+        file_values = _read_config_file(config_path)
+    else:
+        config_path = None  # type: ignore[assignment]
+
+    raw_url = (
+        database_url
+        or env.get("MAILER_DATABASE_URL")
+        or file_values.get("database_url")
+        or f"sqlite:///{cwd / DEFAULT_SQLITE_FILE}"
+    )
+    url = normalise_database_url(str(raw_url))
+
+    key_file = key_file_for(url)
+    keys: tuple[str, ...] = ()
+    if env.get("MAILER_SECRET_KEYS"):
+        keys = parse_keys(env["MAILER_SECRET_KEYS"], "MAILER_SECRET_KEYS")
+    elif file_values.get("secret_keys"):
+        raw_keys = file_values["secret_keys"]
+        joined = ",".join(raw_keys) if isinstance(raw_keys, list) else str(raw_keys)
+        keys = parse_keys(joined, f"{config_path}: secret_keys")
+    elif key_file is not None and key_file.exists():
+        keys = parse_keys(key_file.read_text(encoding="utf-8").replace("\n", ","), str(key_file))
+
+    operator = (
+        env.get("MAILER_OPERATOR")
+        or file_values.get("operator")
+        or env.get("USER")
+        or env.get("LOGNAME")
+        or "operator"
+    )
+    return Settings(
+        database_url=url,
+        secret_keys=keys,
+        base_url=str(
+            env.get("MAILER_BASE_URL") or file_values.get("base_url") or DEFAULT_BASE_URL
+        ).rstrip("/"),
+        require_double_opt_in=_parse_bool(
+            env.get("MAILER_REQUIRE_DOUBLE_OPT_IN", file_values.get("require_double_opt_in", False)),
+            "MAILER_REQUIRE_DOUBLE_OPT_IN",
+        ),
+        operator=str(operator),
+        key_file=key_file,
+        config_file=config_path,
+    )
+
+
+def generate_key_file(path: Path) -> str:
+    """Create the key file of an embedded database, readable by its owner only."""
+    key = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(key + "\n")
+    return key

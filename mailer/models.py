@@ -1,0 +1,179 @@
+"""Table models and the vocabularies (statuses, methods, reasons) stored in them.
+
+The schema itself is created by the Alembic migrations in `mailer/migrations/`; these models
+describe the same tables for queries. Times are stored in UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything mailer stores is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class ConsentStatus(StrEnum):
+    GRANTED = "granted"
+    WITHDRAWN = "withdrawn"
+    PENDING = "pending"  # double opt-in asked, not yet confirmed
+    CONFIRMED = "confirmed"  # double opt-in confirmed by the person
+    IGNORED = "ignored"  # evidence received and kept, but not allowed to grant (see note)
+
+
+# Statuses that take part in the current state; IGNORED rows are evidence only.
+EFFECTIVE_STATUSES = (
+    ConsentStatus.GRANTED,
+    ConsentStatus.WITHDRAWN,
+    ConsentStatus.PENDING,
+    ConsentStatus.CONFIRMED,
+)
+
+
+class ConsentMethod(StrEnum):
+    IMPORT = "import"
+    VENDOR_ATTESTATION = "vendor_attestation"
+    OPERATOR = "operator"
+    FORM = "form"
+    DOUBLE_OPT_IN = "double_opt_in"
+    UNSUBSCRIBE_LINK = "unsubscribe_link"
+    ONE_CLICK = "one_click"
+    PREFERENCE_CENTRE = "preference_centre"
+    ATTESTATION_REVOKED = "attestation_revoked"
+    COMPLAINT = "complaint"
+
+
+class SuppressionReason(StrEnum):
+    UNSUBSCRIBED = "unsubscribed"
+    HARD_BOUNCE = "hard_bounce"
+    COMPLAINT = "complaint"
+    ERASED = "erased"
+    MANUAL = "manual"
+
+
+class IgnoredReason(StrEnum):
+    SUPPRESSED = "suppressed"
+    OLDER_THAN_WITHDRAWAL = "older_than_withdrawal"
+    LAWFUL_BASIS = "lawful_basis_not_consent"
+
+
+class Meta(SQLModel, table=True):
+    __tablename__ = "meta"
+    key: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=255)
+
+
+class Contact(SQLModel, table=True):
+    __tablename__ = "contacts"
+    id: int | None = Field(default=None, primary_key=True)
+    email: str = Field(max_length=320, unique=True)
+    email_hash: str = Field(max_length=64, index=True)
+    name: str | None = Field(default=None, max_length=255)
+    first_name: str | None = Field(default=None, max_length=255)
+    last_name: str | None = Field(default=None, max_length=255)
+    locale: str | None = Field(default=None, max_length=35)
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class ContactTag(SQLModel, table=True):
+    __tablename__ = "contact_tags"
+    contact_id: int = Field(foreign_key="contacts.id", primary_key=True)
+    tag: str = Field(max_length=64, primary_key=True, index=True)
+
+
+class Attestation(SQLModel, table=True):
+    __tablename__ = "attestations"
+    id: int | None = Field(default=None, primary_key=True)
+    vendor: str = Field(max_length=255)
+    vendor_contact: str = Field(max_length=255)
+    lawful_basis: str = Field(max_length=64)
+    purposes: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    collection_method: str
+    collected_from: date
+    collected_to: date
+    consent_wording: str
+    signed_by: str = Field(max_length=255)
+    signed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    document_sha256: str = Field(max_length=64)
+    file_sha256: str = Field(max_length=64, unique=True)
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    revoke_reason: str | None = None
+
+
+class ImportBatch(SQLModel, table=True):
+    __tablename__ = "imports"
+    id: int | None = Field(default=None, primary_key=True)
+    filename: str = Field(max_length=1024)
+    file_sha256: str = Field(max_length=64)
+    vendor: str | None = Field(default=None, max_length=255)
+    attestation_id: int | None = Field(default=None, foreign_key="attestations.id")
+    operator: str = Field(max_length=255)
+    started_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    finished_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    summary: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class ContactSource(SQLModel, table=True):
+    """Where a contact came from: one row per import that brought or merged it."""
+
+    __tablename__ = "contact_sources"
+    contact_id: int = Field(foreign_key="contacts.id", primary_key=True)
+    import_id: int = Field(foreign_key="imports.id", primary_key=True, index=True)
+    row_number: int
+
+
+class ConsentRecord(SQLModel, table=True):
+    """One row of the append-only consent ledger (triggers refuse UPDATE and DELETE)."""
+
+    __tablename__ = "consent_records"
+    __table_args__ = (
+        Index("ix_consent_records_state", "contact_id", "purpose", "id"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    contact_id: int = Field(foreign_key="contacts.id")
+    purpose: str = Field(max_length=64)
+    status: str = Field(max_length=16)
+    method: str = Field(max_length=32)
+    source: str = Field(max_length=255)
+    policy_version: str | None = Field(default=None, max_length=64)
+    consent_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    recorded_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    ip_masked: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=512)
+    wording: str | None = None
+    import_id: int | None = Field(default=None, foreign_key="imports.id")
+    attestation_id: int | None = Field(default=None, foreign_key="attestations.id", index=True)
+    evidence: str | None = Field(default=None, max_length=255)
+    note: str | None = None
+    operator: str | None = Field(default=None, max_length=255)
+
+
+class Suppression(SQLModel, table=True):
+    __tablename__ = "suppressions"
+    id: int | None = Field(default=None, primary_key=True)
+    address_hash: str = Field(max_length=64, index=True)
+    reason: str = Field(max_length=32)
+    source: str = Field(max_length=255)
+    note: str | None = None
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    lifted_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    lifted_by_consent_id: int | None = Field(default=None, foreign_key="consent_records.id")

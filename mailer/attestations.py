@@ -248,12 +248,14 @@ def summaries(session: Session) -> list[AttestationSummary]:
     current = queries.current_consent().subquery("current")
     for attestation in session.exec(select(Attestation).order_by(col(Attestation.id))):
         imports = session.exec(
-            select(func.count()).select_from(ImportBatch).where(
-                ImportBatch.attestation_id == attestation.id
-            )
+            select(func.count())
+            .select_from(ImportBatch)
+            .where(ImportBatch.attestation_id == attestation.id)
         ).one()
         granted_rows = session.exec(
-            select(func.count()).select_from(ConsentRecord).where(
+            select(func.count())
+            .select_from(ConsentRecord)
+            .where(
                 ConsentRecord.attestation_id == attestation.id,
                 ConsentRecord.status == ConsentStatus.GRANTED.value,
             )
@@ -264,7 +266,9 @@ def summaries(session: Session) -> list[AttestationSummary]:
             )
         ).one()
         in_force = session.exec(
-            select(func.count()).select_from(current).where(
+            select(func.count())
+            .select_from(current)
+            .where(
                 current.c.attestation_id == attestation.id,
                 current.c.status == ConsentStatus.GRANTED.value,
             )
@@ -282,9 +286,9 @@ def revoke(session: Session, attestation_id: int, reason: str, operator: str) ->
     if attestation is None:
         raise NotFound(f"no attestation with id {attestation_id}")
     now = utcnow()
-    pairs = session.connection().execute(
-        queries.consent_granted_by_attestation(attestation_id)
-    ).all()
+    pairs = (
+        session.connection().execute(queries.consent_granted_by_attestation(attestation_id)).all()
+    )
     consent.append(
         session,
         [

@@ -33,7 +33,9 @@ app = typer.Typer(
     add_completion=False,
 )
 contacts_app = typer.Typer(help="Import and inspect contacts.", no_args_is_help=True)
-consent_app = typer.Typer(help="Record consent given or withdrawn outside mailer.", no_args_is_help=True)
+consent_app = typer.Typer(
+    help="Record consent given or withdrawn outside mailer.", no_args_is_help=True
+)
 suppressions_app = typer.Typer(help="The suppression list.", no_args_is_help=True)
 vendors_app = typer.Typer(help="Vendor attestations for bought lists.", no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
@@ -247,7 +249,10 @@ def contacts_show(
             out.print(f"  {label}: {value}", markup=False)
     for batch, row_number in view.sources:
         origin = f"vendor {batch.vendor}, " if batch.vendor else ""
-        out.print(f"  source: import {batch.id} ({origin}{batch.filename}, row {row_number})", markup=False)
+        out.print(
+            f"  source: import {batch.id} ({origin}{batch.filename}, row {row_number})",
+            markup=False,
+        )
     active = [s for s in view.suppressions if s.lifted_at is None]
     for s in view.suppressions:
         lifted = f", lifted {_fmt(s.lifted_at)}" if s.lifted_at else ""
@@ -298,7 +303,12 @@ NoteOption = Annotated[str | None, typer.Option("--note", help="Free text kept w
 
 
 def _consent_command(
-    ctx: typer.Context, email: str, purpose: str, source: str, note: str | None, status: ConsentStatus
+    ctx: typer.Context,
+    email: str,
+    purpose: str,
+    source: str,
+    note: str | None,
+    status: ConsentStatus,
 ) -> None:
     change = _mailer(ctx).record_consent(email, purpose, status, source=source, note=note)
     verb = "granted" if status is ConsentStatus.GRANTED else "withdrawn"
@@ -358,7 +368,9 @@ def suppress(
     if result.created:
         out.print(f"Suppressed ({parsed.value}).")
     else:
-        out.print(f"Already suppressed ({parsed.value}) since {_fmt(result.suppression.created_at)}.")
+        out.print(
+            f"Already suppressed ({parsed.value}) since {_fmt(result.suppression.created_at)}."
+        )
 
 
 @suppressions_app.command("list")
@@ -389,7 +401,12 @@ def suppressions_list(
         table.add_column(column)
     for s in rows:
         table.add_row(
-            str(s.id), s.address_hash[:16] + "…", s.reason, _fmt(s.created_at), s.source, _fmt(s.lifted_at)
+            str(s.id),
+            s.address_hash[:16] + "…",
+            s.reason,
+            _fmt(s.created_at),
+            s.source,
+            _fmt(s.lifted_at),
         )
     out.print(table)
 
@@ -424,15 +441,33 @@ def vendors_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
         out.print(json.dumps(payload, indent=2), markup=False)
         return
     table = Table(title="Vendor attestations")
-    for column in ("id", "vendor", "basis", "purposes", "period", "signed by", "imports",
-                   "contacts", "granted", "in force", "revoked"):
+    for column in (
+        "id",
+        "vendor",
+        "basis",
+        "purposes",
+        "period",
+        "signed by",
+        "imports",
+        "contacts",
+        "granted",
+        "in force",
+        "revoked",
+    ):
         table.add_column(column)
     for r in rows:
         a = r.attestation
         table.add_row(
-            str(a.id), a.vendor, a.lawful_basis, ", ".join(a.purposes),
-            f"{a.collected_from} – {a.collected_to}", a.signed_by, str(r.imports),
-            str(r.contacts), str(r.consents_granted), str(r.consents_current),
+            str(a.id),
+            a.vendor,
+            a.lawful_basis,
+            ", ".join(a.purposes),
+            f"{a.collected_from} to {a.collected_to}",
+            a.signed_by,
+            str(r.imports),
+            str(r.contacts),
+            str(r.consents_granted),
+            str(r.consents_current),
             _fmt(a.revoked_at) + (f" ({a.revoke_reason})" if a.revoke_reason else ""),
         )
     out.print(table)

@@ -86,7 +86,9 @@ def redact_url(url: str) -> str:
 
 def _missing_key_message(settings: Settings) -> str:
     if settings.is_sqlite:
-        return "no secret key configured: run `mailer init` to generate one, or set MAILER_SECRET_KEYS"
+        return (
+            "no secret key configured: run `mailer init` to generate one, or set MAILER_SECRET_KEYS"
+        )
     return (
         "no secret key configured for this production database: set MAILER_SECRET_KEYS "
         "(comma-separated, newest last) or secret_keys in mailer.toml"
@@ -210,7 +212,9 @@ def load_settings(
             env.get("MAILER_BASE_URL") or file_values.get("base_url") or DEFAULT_BASE_URL
         ).rstrip("/"),
         require_double_opt_in=_parse_bool(
-            env.get("MAILER_REQUIRE_DOUBLE_OPT_IN", file_values.get("require_double_opt_in", False)),
+            env.get(
+                "MAILER_REQUIRE_DOUBLE_OPT_IN", file_values.get("require_double_opt_in", False)
+            ),
             "MAILER_REQUIRE_DOUBLE_OPT_IN",
         ),
         operator=str(operator),

@@ -63,7 +63,7 @@ def _union(first: Iterable[str], second: Iterable[str]) -> list[str]:
     return list(dict.fromkeys([*first, *second]))
 
 
-def merge_changes(contact: Mapping[str, Any], data: ContactData) -> dict[str, Any]:
+def merge_changes(contact: Mapping[Any, Any], data: ContactData) -> dict[str, Any]:
     """The column values that change when `data` is merged into the stored `contact`."""
     changes: dict[str, Any] = {}
     for name in NAME_FIELDS:
@@ -83,6 +83,8 @@ def get_by_email(session: Session, normalised: str) -> Contact | None:
 
 def tags_of(session: Session, contact_id: int) -> list[str]:
     rows = session.exec(
-        select(ContactTag.tag).where(ContactTag.contact_id == contact_id).order_by(col(ContactTag.tag))
+        select(ContactTag.tag)
+        .where(ContactTag.contact_id == contact_id)
+        .order_by(col(ContactTag.tag))
     )
     return list(rows)

@@ -11,7 +11,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, select
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session
@@ -120,4 +120,5 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 
 def meta_value(session: Session, key: str) -> str | None:
-    return session.exec(select(Meta.value).where(Meta.key == key)).first()  # type: ignore[call-overload,no-any-return]
+    row = session.get(Meta, key)
+    return row.value if row else None

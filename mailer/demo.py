@@ -69,10 +69,15 @@ def run_demo(folder: Path, console: Console) -> None:
         )
         _import_line(console, "contacts.csv (first party)", first_party)
 
-        mailer.suppress("eva@example.com", SuppressionReason.HARD_BOUNCE, "mailbox no longer exists")
+        mailer.suppress(
+            "eva@example.com", SuppressionReason.HARD_BOUNCE, "mailbox no longer exists"
+        )
         console.print("  eva@example.com suppressed: hard bounce")
         mailer.record_consent(
-            "dana@example.com", "marketing", ConsentStatus.WITHDRAWN, source="phone",
+            "dana@example.com",
+            "marketing",
+            ConsentStatus.WITHDRAWN,
+            source="phone",
             note="called the office: no more newsletters",
         )
         console.print("  dana@example.com withdrew marketing consent by phone")
@@ -89,9 +94,11 @@ def run_demo(folder: Path, console: Console) -> None:
         table.add_column("marketing")
         table.add_column("why")
         with mailer.session() as session:
-            rows = session.connection().execute(
-                queries.eligibility("marketing", mailer.settings.require_double_opt_in)
-            ).all()
+            rows = (
+                session.connection()
+                .execute(queries.eligibility("marketing", mailer.settings.require_double_opt_in))
+                .all()
+            )
         for _id, email, reason in rows:
             if reason is None:
                 table.add_row(email, "[green]yes[/green]", "consent on record")

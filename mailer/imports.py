@@ -147,7 +147,9 @@ def _parse_time(raw: str, column: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(raw.strip())
     except ValueError:
-        raise RowError(column, "invalid_date", f"{column} {raw!r} is not an ISO 8601 date") from None
+        raise RowError(
+            column, "invalid_date", f"{column} {raw!r} is not an ISO 8601 date"
+        ) from None
     parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     if parsed > utcnow() + FUTURE_TOLERANCE:
         raise RowError(column, "future_date", f"{column} {raw!r} lies in the future")
@@ -215,8 +217,7 @@ class RowParser:
                 raise RowError(
                     extra[0],
                     "partial_consent",
-                    f"partial consent evidence: {extra[0]} without "
-                    + ", ".join(EVIDENCE_REQUIRED),
+                    f"partial consent evidence: {extra[0]} without " + ", ".join(EVIDENCE_REQUIRED),
                 )
             return None
         missing = [c for c in EVIDENCE_REQUIRED if c not in present]
@@ -246,7 +247,9 @@ class RowParser:
                 ip_masked = mask_ip(get["consent_ip"])
             except ValueError:
                 raise RowError(
-                    "consent_ip", "invalid_ip", f"consent_ip {get['consent_ip']!r} is not an IP address"
+                    "consent_ip",
+                    "invalid_ip",
+                    f"consent_ip {get['consent_ip']!r} is not an IP address",
                 ) from None
         if self.attestation is not None:
             outside = [p for p in purposes if p not in self.attestation.purposes]
@@ -397,16 +400,18 @@ class _ChunkWriter:
             self.summary.new += len(new_rows)
 
         updates = []
-        for email, row in existing.items():
-            if row.seen_in_this_import is not None:
+        for email, match in existing.items():
+            if match.seen_in_this_import is not None:
                 self.summary.duplicates += 1
             else:
                 self.summary.merged += 1
-            changes = merge_changes(row._mapping, pending[email].data)
+            changes = merge_changes(match._mapping, pending[email].data)
             if changes:
-                merged = {name: changes.get(name, row._mapping[name]) for name in
-                          ("name", "first_name", "last_name", "locale", "attributes")}
-                updates.append({"b_id": row.id, "updated_at": now, **merged})
+                merged = {
+                    name: changes.get(name, match._mapping[name])
+                    for name in ("name", "first_name", "last_name", "locale", "attributes")
+                }
+                updates.append({"b_id": match.id, "updated_at": now, **merged})
         if updates:
             conn.execute(
                 update(contacts_table)
@@ -492,7 +497,9 @@ class _ChunkWriter:
                             "policy_version": evidence.policy_version,
                             "consent_at": evidence.consent_at,
                             "ip_masked": evidence.ip_masked,
-                            "wording": self.attestation.consent_wording if self.attestation else None,
+                            "wording": self.attestation.consent_wording
+                            if self.attestation
+                            else None,
                             "import_id": self.batch.id,
                             "attestation_id": self.attestation_id,
                             "evidence": f"import {self.batch.id} row {row_number}",

@@ -143,9 +143,7 @@ class ConsentRecord(SQLModel, table=True):
     """One row of the append-only consent ledger (triggers refuse UPDATE and DELETE)."""
 
     __tablename__ = "consent_records"
-    __table_args__ = (
-        Index("ix_consent_records_state", "contact_id", "purpose", "id"),
-    )
+    __table_args__ = (Index("ix_consent_records_state", "contact_id", "purpose", "id"),)
     id: int | None = Field(default=None, primary_key=True)
     contact_id: int = Field(foreign_key="contacts.id")
     purpose: str = Field(max_length=64)

@@ -8,6 +8,7 @@ asks this query rather than re-deriving state from the ledger itself.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from sqlalchemy import Select, and_, case, exists, func, literal, select
 
@@ -19,7 +20,7 @@ suppressions = Suppression.__table__  # type: ignore[attr-defined]
 
 def current_consent(
     contact_ids: Iterable[int] | None = None, purpose: str | None = None
-) -> Select[tuple[object, ...]]:
+) -> Select[Any]:
     """One row per (contact, purpose): the latest effective ledger row, plus the time of the
     latest withdrawal for that purpose.
 
@@ -27,7 +28,7 @@ def current_consent(
     withdrawal is never appended as a grant in the first place (it is kept as `ignored`), so the
     newest row is always the one that decides. `ignored` rows are evidence only and never decide.
     """
-    window = {"partition_by": (ledger.c.contact_id, ledger.c.purpose)}
+    partition = (ledger.c.contact_id, ledger.c.purpose)
     ranked = select(
         ledger.c.id,
         ledger.c.contact_id,
@@ -38,10 +39,12 @@ def current_consent(
         ledger.c.consent_at,
         ledger.c.policy_version,
         ledger.c.attestation_id,
-        func.row_number().over(order_by=ledger.c.id.desc(), **window).label("recency"),
-        func.max(
-            case((ledger.c.status == ConsentStatus.WITHDRAWN.value, ledger.c.consent_at))
-        ).over(**window).label("last_withdrawn_at"),
+        func.row_number()
+        .over(partition_by=partition, order_by=ledger.c.id.desc())
+        .label("recency"),
+        func.max(case((ledger.c.status == ConsentStatus.WITHDRAWN.value, ledger.c.consent_at)))
+        .over(partition_by=partition)
+        .label("last_withdrawn_at"),
     ).where(ledger.c.status != ConsentStatus.IGNORED.value)
     if contact_ids is not None:
         ranked = ranked.where(ledger.c.contact_id.in_(list(contact_ids)))
@@ -62,7 +65,7 @@ def current_consent(
     ).where(latest.c.recency == 1)
 
 
-def active_suppressions(address_hashes: Iterable[str]) -> Select[tuple[object, ...]]:
+def active_suppressions(address_hashes: Iterable[str]) -> Select[Any]:
     """Suppressions in force (not lifted) for the given keyed hashes."""
     return select(
         suppressions.c.address_hash, suppressions.c.reason, suppressions.c.created_at
@@ -74,7 +77,7 @@ def active_suppressions(address_hashes: Iterable[str]) -> Select[tuple[object, .
     )
 
 
-def consent_granted_by_attestation(attestation_id: int) -> Select[tuple[object, ...]]:
+def consent_granted_by_attestation(attestation_id: int) -> Select[Any]:
     """(contact, purpose) pairs whose current consent is a grant that came from the attestation:
     exactly what revoking it must withdraw. Later consent from another source is left alone."""
     current = current_consent().subquery("current")
@@ -86,7 +89,7 @@ def consent_granted_by_attestation(attestation_id: int) -> Select[tuple[object, 
     )
 
 
-def eligibility(purpose: str, require_double_opt_in: bool) -> Select[tuple[object, ...]]:
+def eligibility(purpose: str, require_double_opt_in: bool) -> Select[Any]:
     """Every contact with the reason the consent gate would exclude them for `purpose`,
     or NULL when they may be mailed. Order of the checks is the order of precedence: a
     suppression beats everything, then the ledger's current state for the purpose.

@@ -239,4 +239,6 @@ class Mailer:
         if not reason.strip():
             raise BadInput("--reason is required: say why the attestation is revoked")
         with _session_scope(self.engine) as session:
-            return attestations.revoke(session, attestation_id, reason.strip(), self.settings.operator)
+            return attestations.revoke(
+                session, attestation_id, reason.strip(), self.settings.operator
+            )

@@ -151,7 +151,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_suppressions_address_hash", "suppressions", ["address_hash"])
 
-    guards = SQLITE_LEDGER_GUARDS if op.get_bind().dialect.name == "sqlite" else POSTGRES_LEDGER_GUARDS
+    guards = (
+        SQLITE_LEDGER_GUARDS if op.get_bind().dialect.name == "sqlite" else POSTGRES_LEDGER_GUARDS
+    )
     for statement in guards:
         op.execute(statement)
 

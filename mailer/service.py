@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -154,6 +155,7 @@ class Mailer:
         source: str,
         method: ConsentMethod = ConsentMethod.OPERATOR,
         note: str | None = None,
+        at: datetime | None = None,
     ) -> ConsentChange:
         """An operator-recorded grant or withdrawal (phone, letter, mail to the privacy address).
 
@@ -173,6 +175,7 @@ class Mailer:
                 status=status,
                 method=method.value,
                 source=source.strip(),
+                consent_at=at,
                 note=note,
                 operator=self.settings.operator,
                 evidence=f"operator {self.settings.operator}",

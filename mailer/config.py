@@ -33,7 +33,18 @@ _KNOWN_FILE_KEYS = {
     "base_url",
     "require_double_opt_in",
     "operator",
+    "smtp_url",
+    "sender_name",
+    "postal_address",
+    "dkim_selector",
+    "dkim_domain",
+    "dkim_key_file",
+    "error_threshold",
 }
+DEFAULT_SMTP_URL = "smtp://127.0.0.1:25"
+DEFAULT_SENDER_NAME = "mailer"
+DEFAULT_POSTAL_ADDRESS = "(set MAILER_POSTAL_ADDRESS: your company's postal address)"
+DEFAULT_ERROR_THRESHOLD = 0.2
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,13 @@ class Settings:
     base_url: str = DEFAULT_BASE_URL
     require_double_opt_in: bool = False
     operator: str = "operator"
+    smtp_url: str = DEFAULT_SMTP_URL
+    sender_name: str = DEFAULT_SENDER_NAME
+    postal_address: str = DEFAULT_POSTAL_ADDRESS
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+    dkim_key_file: Path | None = None
+    error_threshold: float = DEFAULT_ERROR_THRESHOLD
     key_file: Path | None = None
     config_file: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -205,7 +223,28 @@ def load_settings(
         or env.get("LOGNAME")
         or "operator"
     )
+    def pick(env_name: str, file_key: str, default: Any = None) -> Any:
+        return env.get(env_name) or file_values.get(file_key) or default
+
+    dkim_key = pick("MAILER_DKIM_KEY_FILE", "dkim_key_file")
+    try:
+        error_threshold = float(
+            pick("MAILER_ERROR_THRESHOLD", "error_threshold", DEFAULT_ERROR_THRESHOLD)
+        )
+    except ValueError:
+        raise ConfigError("MAILER_ERROR_THRESHOLD must be a number between 0 and 1") from None
+    if not 0 < error_threshold <= 1:
+        raise ConfigError("MAILER_ERROR_THRESHOLD must be a number between 0 and 1")
     return Settings(
+        smtp_url=str(pick("MAILER_SMTP_URL", "smtp_url", DEFAULT_SMTP_URL)),
+        sender_name=str(pick("MAILER_SENDER_NAME", "sender_name", DEFAULT_SENDER_NAME)),
+        postal_address=str(
+            pick("MAILER_POSTAL_ADDRESS", "postal_address", DEFAULT_POSTAL_ADDRESS)
+        ),
+        dkim_selector=pick("MAILER_DKIM_SELECTOR", "dkim_selector"),
+        dkim_domain=pick("MAILER_DKIM_DOMAIN", "dkim_domain"),
+        dkim_key_file=Path(dkim_key) if dkim_key else None,
+        error_threshold=error_threshold,
         database_url=url,
         secret_keys=keys,
         base_url=str(

@@ -99,7 +99,7 @@ def run_demo(folder: Path, console: Console) -> None:
                 .execute(queries.eligibility("marketing", mailer.settings.require_double_opt_in))
                 .all()
             )
-        for _id, email, reason in rows:
+        for _id, email, reason, _tracking in rows:
             if reason is None:
                 table.add_row(email, "[green]yes[/green]", "consent on record")
             else:

@@ -175,3 +175,76 @@ class Suppression(SQLModel, table=True):
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
     lifted_by_consent_id: int | None = Field(default=None, foreign_key="consent_records.id")
+
+
+class CampaignStatus(StrEnum):
+    READY = "ready"
+    RUNNING = "running"
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+    FINISHED = "finished"
+
+
+class DeliveryStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"  # handed to SMTP; the outcome is not yet recorded
+    SENT = "sent"
+    FAILED = "failed"
+    UNCERTAIN = "uncertain"  # was sending when its process died: maybe delivered
+    EXCLUDED = "excluded"  # became ineligible between audience build and send
+
+
+class Campaign(SQLModel, table=True):
+    __tablename__ = "campaigns"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=64, unique=True)
+    purpose: str = Field(max_length=64)
+    source_file: str = Field(max_length=1024)
+    definition: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = Field(max_length=16)
+    status_reason: str | None = None
+    excluded: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    started_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    finished_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class CampaignLink(SQLModel, table=True):
+    """The campaign's own links: a click token resolves only to one of these."""
+
+    __tablename__ = "campaign_links"
+    campaign_id: int = Field(foreign_key="campaigns.id", primary_key=True)
+    position: int = Field(primary_key=True)
+    url: str
+
+
+class Delivery(SQLModel, table=True):
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_claim", "campaign_id", "status", "id"),
+    )
+    id: int | None = Field(default=None, primary_key=True)
+    campaign_id: int = Field(foreign_key="campaigns.id")
+    contact_id: int = Field(foreign_key="contacts.id")
+    status: str = Field(max_length=16)
+    tracking: bool
+    excluded_reason: str | None = Field(default=None, max_length=32)
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    attempts: int = 0
+    smtp_code: int | None = None
+    smtp_response: str | None = Field(default=None, max_length=512)
+    message_id: str | None = Field(default=None, max_length=255)
+    queued_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    sending_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    finished_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )

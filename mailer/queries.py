@@ -7,12 +7,24 @@ asks this query rather than re-deriving state from the ledger itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, case, exists, func, literal, select
+from sqlalchemy import Select, and_, case, exists, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
-from mailer.models import ConsentRecord, ConsentStatus, Contact, Suppression
+from mailer.models import (
+    ConsentRecord,
+    ConsentStatus,
+    Contact,
+    ContactTag,
+    Delivery,
+    DeliveryStatus,
+    Suppression,
+)
+
+TRACKING = "tracking"
 
 ledger = ConsentRecord.__table__  # type: ignore[attr-defined]
 suppressions = Suppression.__table__  # type: ignore[attr-defined]
@@ -89,19 +101,35 @@ def consent_granted_by_attestation(attestation_id: int) -> Select[Any]:
     )
 
 
-def eligibility(purpose: str, require_double_opt_in: bool) -> Select[Any]:
-    """Every contact with the reason the consent gate would exclude them for `purpose`,
-    or NULL when they may be mailed. Order of the checks is the order of precedence: a
-    suppression beats everything, then the ledger's current state for the purpose.
+def eligibility(
+    purpose: str,
+    require_double_opt_in: bool,
+    *,
+    min_policy_version: str | None = None,
+    tags: Sequence[str] = (),
+    contact_ids: Iterable[int] | None = None,
+) -> Select[Any]:
+    """THE CONSENT GATE (invariant 1): every contact of the audience with the reason the gate
+    excludes them for `purpose`, or NULL when they may be mailed, and whether they allow
+    tracking.
+
+    The order of the checks is their precedence: a suppression beats everything, then the
+    ledger's current state for the purpose, then its confirmation, then its policy version.
+    `tags` narrows the audience (contacts with any of them); it is not an exclusion reason.
+    Policy versions compare as text, so publish sortable ones (2026-01, 2026-07, ...).
     """
     contacts = Contact.__table__  # type: ignore[attr-defined]
-    current = current_consent(purpose=purpose).subquery("current")
+    tags_table = ContactTag.__table__  # type: ignore[attr-defined]
+    ids = None if contact_ids is None else list(contact_ids)
+    current = current_consent(ids, purpose=purpose).subquery("current")
+    tracking = current_consent(ids, purpose=TRACKING).subquery("tracking")
     suppressed = exists().where(
         and_(
             suppressions.c.address_hash == contacts.c.email_hash,
             suppressions.c.lifted_at.is_(None),
         )
     )
+    allowing = [ConsentStatus.GRANTED.value, ConsentStatus.CONFIRMED.value]
     reason = case(
         (suppressed, "suppressed"),
         (current.c.status.is_(None), "no_consent"),
@@ -114,10 +142,194 @@ def eligibility(purpose: str, require_double_opt_in: bool) -> Select[Any]:
             ),
             "unconfirmed",
         ),
+        (
+            and_(
+                literal(min_policy_version is not None),
+                or_(
+                    current.c.policy_version.is_(None),
+                    current.c.policy_version < (min_policy_version or ""),
+                ),
+            ),
+            "policy_outdated",
+        ),
         else_=None,
     )
+    statement = select(
+        contacts.c.id,
+        contacts.c.email,
+        reason.label("excluded_reason"),
+        tracking.c.status.in_(allowing).label("tracking_allowed"),
+    ).select_from(
+        contacts.outerjoin(current, current.c.contact_id == contacts.c.id).outerjoin(
+            tracking, tracking.c.contact_id == contacts.c.id
+        )
+    )
+    if tags:
+        statement = statement.where(
+            exists().where(
+                and_(tags_table.c.contact_id == contacts.c.id, tags_table.c.tag.in_(list(tags)))
+            )
+        )
+    if ids is not None:
+        statement = statement.where(contacts.c.id.in_(ids))
+    return statement.order_by(contacts.c.id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliveries: building the audience and claiming batches (invariant 8)
+
+deliveries = Delivery.__table__  # type: ignore[attr-defined]
+
+
+def insert_audience(
+    campaign_id: int, gate: Select[Any], track: bool, now: datetime, dialect: str
+) -> Any:
+    """The audience as ONE set-based statement: a queued delivery for every contact the gate
+    lets through. The unique (campaign, contact) key makes it idempotent."""
+    eligible = gate.subquery("gate")
+    rows = select(
+        literal(campaign_id),
+        eligible.c.id,
+        literal(DeliveryStatus.QUEUED.value),
+        and_(literal(track), func.coalesce(eligible.c.tracking_allowed, False)),
+        literal(0),
+        literal(now, type_=deliveries.c.queued_at.type),
+    ).where(eligible.c.excluded_reason.is_(None))
+    module = postgresql if dialect == "postgresql" else sqlite
     return (
-        select(contacts.c.id, contacts.c.email, reason.label("excluded_reason"))
-        .select_from(contacts.outerjoin(current, current.c.contact_id == contacts.c.id))
-        .order_by(contacts.c.id)
+        module.insert(deliveries)
+        .from_select(
+            ["campaign_id", "contact_id", "status", "tracking", "attempts", "queued_at"], rows
+        )
+        .on_conflict_do_nothing()
+    )
+
+
+def exclusion_counts(gate: Select[Any]) -> Select[Any]:
+    excluded = gate.subquery("gate")
+    return (
+        select(excluded.c.excluded_reason, func.count())
+        .where(excluded.c.excluded_reason.is_not(None))
+        .group_by(excluded.c.excluded_reason)
+    )
+
+
+def claim_batch(
+    campaign_id: int, owner: str, now: datetime, lease_until: datetime, limit: int
+) -> Any:
+    """Lease up to `limit` queued deliveries to `owner`.
+
+    On PostgreSQL, FOR UPDATE SKIP LOCKED lets several senders claim side by side without
+    waiting for or stealing from each other; SQLite serialises writers anyway. A lease that ran
+    out (its process died) makes the rows claimable again.
+    """
+    claimable = (
+        select(deliveries.c.id)
+        .where(
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.status == DeliveryStatus.QUEUED.value,
+            or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now),
+        )
+        .order_by(deliveries.c.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        update(deliveries)
+        .where(deliveries.c.id.in_(claimable.scalar_subquery()))
+        .values(lease_owner=owner, lease_until=lease_until)
+        .returning(deliveries.c.id, deliveries.c.contact_id, deliveries.c.tracking)
+    )
+
+
+def mark_sending(ids: Sequence[int], owner: str, now: datetime, lease_until: datetime) -> Any:
+    """Only rows still queued and still leased to us go to SMTP: if our lease ran out and
+    another sender took them, they are theirs now."""
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.id.in_(list(ids)),
+            deliveries.c.status == DeliveryStatus.QUEUED.value,
+            deliveries.c.lease_owner == owner,
+        )
+        .values(
+            status=DeliveryStatus.SENDING.value,
+            sending_at=now,
+            lease_until=lease_until,
+            attempts=deliveries.c.attempts + 1,
+        )
+        .returning(deliveries.c.id, deliveries.c.attempts)
+    )
+
+
+def mark_uncertain(campaign_id: int, now: datetime) -> Any:
+    """Deliveries left `sending` by a process whose lease ran out: maybe delivered, maybe not."""
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.status == DeliveryStatus.SENDING.value,
+            deliveries.c.lease_until < now,
+        )
+        .values(status=DeliveryStatus.UNCERTAIN.value, lease_owner=None)
+    )
+
+
+def requeue_uncertain(campaign_id: int) -> Any:
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.status == DeliveryStatus.UNCERTAIN.value,
+        )
+        .values(status=DeliveryStatus.QUEUED.value, lease_owner=None, lease_until=None)
+    )
+
+
+def release_claims(campaign_id: int, owner: str) -> Any:
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.status == DeliveryStatus.QUEUED.value,
+            deliveries.c.lease_owner == owner,
+        )
+        .values(lease_owner=None, lease_until=None)
+    )
+
+
+def delivery_counts(campaign_id: int) -> Select[Any]:
+    return (
+        select(deliveries.c.status, func.count())
+        .where(deliveries.c.campaign_id == campaign_id)
+        .group_by(deliveries.c.status)
+    )
+
+
+def recheck_exclusions(campaign_id: int) -> Select[Any]:
+    return (
+        select(deliveries.c.excluded_reason, func.count())
+        .where(
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.status == DeliveryStatus.EXCLUDED.value,
+        )
+        .group_by(deliveries.c.excluded_reason)
+    )
+
+
+def fail_unsent(ids: Sequence[int], owner: str, reason: str, now: datetime) -> Any:
+    """A message that could not even be composed never reaches SMTP: it fails from the queue."""
+    return (
+        update(deliveries)
+        .where(
+            deliveries.c.id.in_(list(ids)),
+            deliveries.c.status == DeliveryStatus.QUEUED.value,
+            deliveries.c.lease_owner == owner,
+        )
+        .values(
+            status=DeliveryStatus.FAILED.value,
+            smtp_response=reason[:500],
+            lease_owner=None,
+            finished_at=now,
+        )
     )

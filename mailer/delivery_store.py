@@ -1,0 +1,284 @@
+"""The runner's view of the database: claim, re-check, mark, record. Each call is one short
+transaction, so nothing is held open across SMTP traffic."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, func, select, update
+from sqlmodel import Session
+
+from mailer import queries, suppression
+from mailer.addresses import address_hash
+from mailer.config import Settings
+from mailer.models import (
+    Campaign,
+    CampaignStatus,
+    Contact,
+    DeliveryStatus,
+    SuppressionReason,
+    utcnow,
+)
+
+contacts_table = Contact.__table__  # type: ignore[attr-defined]
+campaigns_table = Campaign.__table__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """What a template may know about a contact (`contact.*`)."""
+
+    id: int
+    email: str
+    name: str | None
+    first_name: str | None
+    last_name: str | None
+    locale: str | None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    delivery_id: int
+    recipient: Recipient
+    tracking: bool
+
+
+@dataclass(frozen=True)
+class Outcome:
+    delivery_id: int
+    status: DeliveryStatus
+    smtp_code: int | None = None
+    smtp_response: str | None = None
+    message_id: str | None = None
+    hard_bounce: bool = False
+    retry_after: float | None = None  # seconds; only for a temporary failure to try again
+    recipient: str | None = None
+
+
+class DeliveryStore:
+    def __init__(
+        self, engine: Engine, settings: Settings, campaign_id: int, owner: str, lease: float
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.campaign_id = campaign_id
+        self.owner = owner
+        self.lease = timedelta(seconds=lease)
+        self.dialect = engine.dialect.name
+
+    def campaign_status(self) -> tuple[CampaignStatus, str | None]:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(campaigns_table.c.status, campaigns_table.c.status_reason).where(
+                    campaigns_table.c.id == self.campaign_id
+                )
+            ).one()
+        return CampaignStatus(row.status), row.status_reason
+
+    def set_status(self, status: CampaignStatus, reason: str | None = None) -> None:
+        values: dict[str, Any] = {"status": status.value, "status_reason": reason}
+        if status is CampaignStatus.FINISHED:
+            values["finished_at"] = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(campaigns_table)
+                .where(campaigns_table.c.id == self.campaign_id)
+                .values(**values)
+            )
+
+    def sweep_uncertain(self) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(queries.mark_uncertain(self.campaign_id, utcnow())).rowcount)
+
+    def requeue_uncertain(self) -> int:
+        with self.engine.begin() as conn:
+            return int(conn.execute(queries.requeue_uncertain(self.campaign_id)).rowcount)
+
+    def claim(
+        self,
+        limit: int,
+        purpose: str,
+        min_policy_version: str | None,
+        tags: Sequence[str],
+    ) -> tuple[list[Claimed], dict[str, int]]:
+        """Lease a batch and re-check it against the gate in the same transaction: whoever
+        became ineligible since the audience was built is excluded now, not sent."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            leased = conn.execute(
+                queries.claim_batch(self.campaign_id, self.owner, now, now + self.lease, limit)
+            ).all()
+            if not leased:
+                return [], {}
+            by_contact = {row.contact_id: row for row in leased}
+            gate = conn.execute(
+                queries.eligibility(
+                    purpose,
+                    self.settings.require_double_opt_in,
+                    min_policy_version=min_policy_version,
+                    tags=tags,
+                    contact_ids=list(by_contact),
+                )
+            ).all()
+            verdicts = {row.id: row.excluded_reason for row in gate}
+            excluded: dict[str, int] = {}
+            exclusions = []
+            for contact_id, row in by_contact.items():
+                # a contact that left the tag filter (or was erased) is excluded as such
+                reason = verdicts.get(contact_id, "not_in_audience")
+                if reason is not None:
+                    excluded[reason] = excluded.get(reason, 0) + 1
+                    exclusions.append({"b_id": row.id, "reason": reason})
+            if exclusions:
+                conn.execute(
+                    update(queries.deliveries)
+                    .where(queries.deliveries.c.id == bindparam("b_id"))
+                    .values(
+                        status=DeliveryStatus.EXCLUDED.value,
+                        excluded_reason=bindparam("reason"),
+                        lease_owner=None,
+                        finished_at=now,
+                    ),
+                    exclusions,
+                )
+            eligible = [cid for cid, reason in verdicts.items() if reason is None]
+            recipients = {
+                row.id: Recipient(
+                    id=row.id,
+                    email=row.email,
+                    name=row.name,
+                    first_name=row.first_name,
+                    last_name=row.last_name,
+                    locale=row.locale,
+                    attributes=dict(row.attributes or {}),
+                )
+                for row in conn.execute(
+                    select(
+                        contacts_table.c.id,
+                        contacts_table.c.email,
+                        contacts_table.c.name,
+                        contacts_table.c.first_name,
+                        contacts_table.c.last_name,
+                        contacts_table.c.locale,
+                        contacts_table.c.attributes,
+                    ).where(contacts_table.c.id.in_(eligible))
+                )
+            }
+        claimed = [
+            Claimed(by_contact[cid].id, recipients[cid], bool(by_contact[cid].tracking))
+            for cid in sorted(recipients, key=lambda c: by_contact[c].id)
+        ]
+        return claimed, excluded
+
+    def mark_sending(self, ids: Sequence[int]) -> dict[int, int]:
+        """Mark deliveries as handed to SMTP; returns delivery id -> attempt number for the
+        ones that are still ours to send."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            rows = conn.execute(queries.mark_sending(ids, self.owner, now, now + self.lease))
+            return {row.id: row.attempts for row in rows}
+
+    def fail_unsent(self, failures: Sequence[tuple[int, str]]) -> None:
+        now = utcnow()
+        with self.engine.begin() as conn:
+            for delivery_id, reason in failures:
+                conn.execute(queries.fail_unsent([delivery_id], self.owner, reason, now))
+
+    def record(self, outcomes: Sequence[Outcome]) -> None:
+        """Record SMTP outcomes; a hard bounce suppresses the address in the same transaction."""
+        if not outcomes:
+            return
+        now = utcnow()
+        finals = [
+            {
+                "b_id": o.delivery_id,
+                "status": o.status.value,
+                "code": o.smtp_code,
+                "response": (o.smtp_response or "")[:500] or None,
+                "message_id": o.message_id,
+                "finished": now,
+            }
+            for o in outcomes
+            if o.status is not DeliveryStatus.QUEUED
+        ]
+        retries = [
+            {
+                "b_id": o.delivery_id,
+                "code": o.smtp_code,
+                "response": (o.smtp_response or "")[:500] or None,
+                "due": now + timedelta(seconds=o.retry_after or 0),
+            }
+            for o in outcomes
+            if o.status is DeliveryStatus.QUEUED
+        ]
+        d = queries.deliveries
+        with self.engine.begin() as conn:
+            if finals:
+                conn.execute(
+                    update(d)
+                    .where(d.c.id == bindparam("b_id"), d.c.status == DeliveryStatus.SENDING.value)
+                    .values(
+                        status=bindparam("status"),
+                        smtp_code=bindparam("code"),
+                        smtp_response=bindparam("response"),
+                        message_id=bindparam("message_id"),
+                        finished_at=bindparam("finished"),
+                        lease_owner=None,
+                    ),
+                    finals,
+                )
+            if retries:
+                # back in the queue, claimable by anyone once the retry is due
+                conn.execute(
+                    update(d)
+                    .where(d.c.id == bindparam("b_id"), d.c.status == DeliveryStatus.SENDING.value)
+                    .values(
+                        status=DeliveryStatus.QUEUED.value,
+                        smtp_code=bindparam("code"),
+                        smtp_response=bindparam("response"),
+                        lease_owner=None,
+                        lease_until=bindparam("due"),
+                    ),
+                    retries,
+                )
+            bounced = [o for o in outcomes if o.hard_bounce and o.recipient]
+            if bounced:
+                with Session(bind=conn) as session:
+                    for o in bounced:
+                        assert o.recipient is not None
+                        suppression.suppress(
+                            session,
+                            address_hash(o.recipient, self.settings.suppression_key),
+                            SuppressionReason.HARD_BOUNCE,
+                            source=f"smtp {o.smtp_code}",
+                            note=(o.smtp_response or "")[:200],
+                        )
+                    session.flush()
+
+    def release(self) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(queries.release_claims(self.campaign_id, self.owner))
+
+    def remaining(self) -> tuple[int, int, datetime | None]:
+        """(queued, sending, when the next queued one is due) for the whole campaign."""
+        d = queries.deliveries
+        with self.engine.connect() as conn:
+            counts: dict[str, int] = {
+                status: count
+                for status, count in conn.execute(queries.delivery_counts(self.campaign_id))
+            }
+            due = conn.execute(
+                select(func.min(d.c.lease_until)).where(
+                    d.c.campaign_id == self.campaign_id,
+                    d.c.status == DeliveryStatus.QUEUED.value,
+                )
+            ).scalar()
+        return (
+            int(counts.get(DeliveryStatus.QUEUED.value, 0)),
+            int(counts.get(DeliveryStatus.SENDING.value, 0)),
+            due,
+        )

@@ -6,6 +6,8 @@ as one line and mapped to exit codes (0 ok, 1 finished with failures, 2 bad inpu
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -23,7 +25,8 @@ from mailer.config import load_settings, redact_url
 from mailer.errors import MailerError
 from mailer.imports import ImportSummary
 from mailer.models import ConsentStatus, as_utc
-from mailer.service import Mailer
+from mailer.runner import RunOptions
+from mailer.service import CampaignService, Mailer, SendOutcome
 from mailer.suppression import parse_reason
 
 app = typer.Typer(
@@ -38,10 +41,12 @@ consent_app = typer.Typer(
 )
 suppressions_app = typer.Typer(help="The suppression list.", no_args_is_help=True)
 vendors_app = typer.Typer(help="Vendor attestations for bought lists.", no_args_is_help=True)
+campaign_app = typer.Typer(help="Preview, send and report campaigns.", no_args_is_help=True)
 app.add_typer(contacts_app, name="contacts")
 app.add_typer(consent_app, name="consent")
 app.add_typer(suppressions_app, name="suppressions")
 app.add_typer(vendors_app, name="vendors")
+app.add_typer(campaign_app, name="campaign")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -483,6 +488,272 @@ def vendors_revoke(
     """Withdraw every consent an attestation granted (new ledger rows; nothing is deleted)."""
     count = _mailer(ctx).revoke_attestation(attestation_id, reason)
     out.print(f"Revoked attestation {attestation_id}: withdrew {count} consents it had granted.")
+
+
+# -- campaigns -----------------------------------------------------------------------------------
+
+
+class _RichProgress:
+    """A progress bar on a terminal, plain log lines every few seconds otherwise."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.sent = self.failed = self.excluded = 0
+        self.total = 0
+        self._bar: Any = None
+        self._task: Any = None
+        self._last_line = 0.0
+        self._started = 0.0
+
+    def start(self, total: int) -> None:
+        import time
+
+        self.total = total
+        self._started = self._last_line = time.monotonic()
+        if self.console.is_terminal:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
+            self._bar = Progress(
+                TextColumn("[bold]sending"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]:>7.0f}/s"),
+                TextColumn("failed {task.fields[failed]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("send", total=total or None, rate=0.0, failed=0)
+
+    def advance(self, sent: int, failed: int, excluded: int) -> None:
+        import time
+
+        self.sent += sent
+        self.failed += failed
+        self.excluded += excluded
+        now = time.monotonic()
+        rate = self.sent / max(now - self._started, 1e-6)
+        if self._bar is not None:
+            self._bar.update(
+                self._task, advance=sent + failed + excluded, rate=rate, failed=self.failed
+            )
+        elif now - self._last_line >= 2.0:
+            self._last_line = now
+            self.console.print(
+                f"sent {self.sent} of {self.total}, failed {self.failed}, "
+                f"excluded {self.excluded}, {rate:.0f}/s",
+                markup=False,
+            )
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _print_report(report: dict[str, Any], title: str) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key in ("status", "audience", "sent", "failed", "uncertain", "queued", "bounces"):
+        table.add_row(key, str(report[key]))
+    for reason, count in report["excluded"].items():
+        table.add_row(f"excluded: {reason.replace('_', ' ')}", str(count))
+    for key in ("opens", "unique_opens", "clicks", "unique_clicks", "unsubscribes"):
+        table.add_row(key.replace("_", " "), str(report[key]))
+    for key in ("machine_opens", "machine_clicks"):
+        table.add_row(key.replace("_", " ") + " (scanners)", str(report[key]))
+    out.print(table)
+    if report.get("status_reason"):
+        out.print(f"status: {report['status']}: {report['status_reason']}", markup=False)
+
+
+@campaign_app.command("send")
+@handled
+def campaign_send(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The campaign TOML file under campaigns/.")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Render every message, send nothing, change nothing.")
+    ] = False,
+    smtp: Annotated[
+        str | None,
+        typer.Option(help="smtp://[user:pass@]host:port or smtps://... (default MAILER_SMTP_URL)."),
+    ] = None,
+    rate: Annotated[float | None, typer.Option(help="Messages per second, at most.")] = None,
+    per_domain_rate: Annotated[
+        float | None, typer.Option(help="Messages per second per recipient domain, at most.")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=64, help="SMTP connections.")] = 4,
+    batch_size: Annotated[int, typer.Option(min=1, max=10000, help="Deliveries per claim.")] = 500,
+    resend_uncertain: Annotated[
+        bool,
+        typer.Option(
+            "--resend-uncertain",
+            help="Send again the messages whose outcome is unknown after a crash.",
+        ),
+    ] = False,
+) -> None:
+    """Send a campaign to everyone the consent gate lets through, exactly once each."""
+    mailer = _mailer(ctx)
+    campaigns = CampaignService(mailer)
+    if dry_run:
+        result = campaigns.dry_run(file)
+        table = Table(
+            title=f"Dry run of {result.definition.name} (nothing sent)", show_header=False
+        )
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        table.add_row("would be sent", str(result.would_send))
+        table.add_row("  of which with tracking", str(result.with_tracking))
+        for reason, count in sorted(result.excluded.items()):
+            table.add_row(f"excluded: {reason.replace('_', ' ')}", str(count))
+        table.add_row("could not be composed", str(len(result.failures)))
+        out.print(table)
+        for email, problem in result.failures[:20]:
+            out.print(f"{email}: {problem}", markup=False)
+        if result.failures:
+            raise typer.Exit(1)
+        return
+    outcome = asyncio.run(
+        _send(
+            campaigns,
+            file,
+            smtp or mailer.settings.smtp_url,
+            rate,
+            per_domain_rate,
+            concurrency,
+            batch_size,
+            resend_uncertain,
+        )
+    )
+    stats = outcome.stats
+    if stats.uncertain_found:
+        out.print(
+            f"{stats.uncertain_found} messages were being sent when a sender stopped: their "
+            "outcome is unknown, so they are reported as uncertain and not sent again "
+            "(use --resend-uncertain to send them anyway).",
+            markup=False,
+        )
+    _print_report(outcome.report, f"Campaign {outcome.prepared.definition.name}")
+    out.print(
+        f"This run: sent {stats.sent}, failed {stats.failed}, retrying {stats.retried} later, "
+        f"excluded at send time {sum(stats.excluded.values())}, in {stats.elapsed:.1f} s.",
+        markup=False,
+    )
+    if stats.stopped and not stats.paused_reason:
+        out.print("Stopped before the end; run the same command again to continue.")
+    report = outcome.report
+    if stats.paused_reason or report["failed"] or report["uncertain"] or stats.stopped:
+        raise typer.Exit(1)
+
+
+async def _send(
+    campaigns: CampaignService,
+    file: Path,
+    smtp_url: str,
+    rate: float | None,
+    per_domain_rate: float | None,
+    concurrency: int,
+    batch_size: int,
+    resend_uncertain: bool,
+) -> SendOutcome:
+    import signal
+
+    from mailer.transport import SmtpPool
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Ctrl-C finishes the messages in flight and stops cleanly (not possible off the main
+        # thread, where tests run it)
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+    pool = SmtpPool(smtp_url, size=concurrency, rate=rate, per_domain_rate=per_domain_rate)
+    try:
+        return await campaigns.send(
+            file,
+            transport=pool,
+            options=RunOptions(
+                purpose="marketing", batch_size=batch_size, wave_size=max(8, concurrency * 4)
+            ),
+            progress=_RichProgress(out),
+            stop=stop,
+            resend_uncertain=resend_uncertain,
+        )
+    finally:
+        await pool.close()
+
+
+@campaign_app.command("preview")
+@handled
+def campaign_preview(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="The campaign TOML file.")],
+    to: Annotated[str, typer.Option("--to", help="The contact to preview for.")],
+    output: Annotated[
+        Path | None, typer.Option("--out", help="Where to write the .eml (default NAME-EMAIL.eml).")
+    ] = None,
+) -> None:
+    """Render the message one contact would get, as an .eml file, or say why they get none."""
+    preview = CampaignService(_mailer(ctx)).preview(file, to)
+    if preview.message is None:
+        out.print(
+            f"{preview.email} would not receive this campaign: {preview.excluded_reason}",
+            markup=False,
+        )
+        raise typer.Exit(1)
+    target = output or Path(f"{file.stem}-{preview.email.replace('@', '_at_')}.eml")
+    target.write_bytes(preview.message)
+    out.print(f"Wrote the message for {preview.email} to {target}.", markup=False)
+
+
+@campaign_app.command("report")
+@handled
+def campaign_report(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The campaign's name (its slug).")],
+    as_json: JsonOption = False,
+) -> None:
+    """Sent, failed, uncertain, excluded by reason, and engagement (humans and machines apart)."""
+    report = CampaignService(_mailer(ctx)).report(name)
+    if as_json:
+        out.print(json.dumps(report, indent=2), markup=False)
+    else:
+        _print_report(report, f"Campaign {name}")
+
+
+def _status_command(ctx: typer.Context, name: str, action: str) -> None:
+    before, after = CampaignService(_mailer(ctx)).set_status(name, action)
+    out.print(f"Campaign {name}: {before.value} -> {after.value}.", markup=False)
+    if action == "resume":
+        out.print("Run `mailer campaign send FILE` to continue sending.")
+
+
+@campaign_app.command("pause")
+@handled
+def campaign_pause(ctx: typer.Context, name: str) -> None:
+    """Pause a campaign: running senders stop after the messages in flight."""
+    _status_command(ctx, name, "pause")
+
+
+@campaign_app.command("resume")
+@handled
+def campaign_resume(ctx: typer.Context, name: str) -> None:
+    """Allow a paused campaign to be sent again."""
+    _status_command(ctx, name, "resume")
+
+
+@campaign_app.command("cancel")
+@handled
+def campaign_cancel(ctx: typer.Context, name: str) -> None:
+    """Cancel a campaign for good: nothing more is sent."""
+    _status_command(ctx, name, "cancel")
 
 
 @app.command()

@@ -87,6 +87,13 @@ class Settings:
         ).digest()
 
     @property
+    def verp_key(self) -> bytes:
+        """Keys the bounce addresses; from the oldest key, so bounces of old mails still map."""
+        if not self.secret_keys:
+            raise ConfigError(_missing_key_message(self))
+        return hmac.new(self.secret_keys[0].encode(), b"mailer.verp.v1", hashlib.sha256).digest()
+
+    @property
     def suppression_key_fingerprint(self) -> str:
         return hashlib.sha256(b"fingerprint:" + self.suppression_key).hexdigest()[:16]
 

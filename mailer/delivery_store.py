@@ -3,6 +3,9 @@ transaction, so nothing is held open across SMTP traffic."""
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -22,6 +25,29 @@ from mailer.models import (
     SuppressionReason,
     utcnow,
 )
+
+
+def make_owner() -> str:
+    """Who holds a lease: machine, process and a random part (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _is_dead_local_owner(owner: str) -> bool:
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
 
 contacts_table = Contact.__table__  # type: ignore[attr-defined]
 campaigns_table = Campaign.__table__  # type: ignore[attr-defined]
@@ -91,8 +117,17 @@ class DeliveryStore:
             )
 
     def sweep_uncertain(self) -> int:
+        """Report what dead senders left behind: their `sending` rows become uncertain and
+        their unstarted claims go back to the queue. A sender on this machine whose process
+        is gone is known dead at once; elsewhere, when its lease runs out."""
         with self.engine.begin() as conn:
-            return int(conn.execute(queries.mark_uncertain(self.campaign_id, utcnow())).rowcount)
+            owners = [row[0] for row in conn.execute(queries.lease_owners(self.campaign_id))]
+            dead = [owner for owner in owners if _is_dead_local_owner(owner)]
+            if dead:
+                conn.execute(queries.release_claims(self.campaign_id, dead))
+            return int(
+                conn.execute(queries.mark_uncertain(self.campaign_id, utcnow(), dead)).rowcount
+            )
 
     def requeue_uncertain(self) -> int:
         with self.engine.begin() as conn:
@@ -125,6 +160,7 @@ class DeliveryStore:
                 )
             ).all()
             verdicts = {row.id: row.excluded_reason for row in gate}
+            tracking_now = {row.id: bool(row.tracking_allowed) for row in gate}
             excluded: dict[str, int] = {}
             exclusions = []
             for contact_id, row in by_contact.items():
@@ -168,8 +204,14 @@ class DeliveryStore:
                     ).where(contacts_table.c.id.in_(eligible))
                 )
             }
+        # tracking needs the campaign's wish (fixed at audience time) and the contact's consent
+        # now: a tracking withdrawal mid-campaign gives clean links from the next batch on
         claimed = [
-            Claimed(by_contact[cid].id, recipients[cid], bool(by_contact[cid].tracking))
+            Claimed(
+                by_contact[cid].id,
+                recipients[cid],
+                bool(by_contact[cid].tracking) and tracking_now.get(cid, False),
+            )
             for cid in sorted(recipients, key=lambda c: by_contact[c].id)
         ]
         return claimed, excluded
@@ -261,7 +303,7 @@ class DeliveryStore:
 
     def release(self) -> None:
         with self.engine.begin() as conn:
-            conn.execute(queries.release_claims(self.campaign_id, self.owner))
+            conn.execute(queries.release_claims(self.campaign_id, [self.owner]))
 
     def remaining(self) -> tuple[int, int, datetime | None]:
         """(queued, sending, when the next queued one is due) for the whole campaign."""

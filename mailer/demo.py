@@ -7,21 +7,27 @@ who may be mailed for marketing and, for everyone else, why not.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import select
 
 from mailer import queries
+from mailer.capture import CaptureSmtpServer
 from mailer.config import load_settings
+from mailer.errors import BadInput
 from mailer.imports import ImportSummary
-from mailer.models import ConsentStatus, SuppressionReason
-from mailer.service import Mailer
+from mailer.models import ConsentStatus, Contact, Delivery, SuppressionReason
+from mailer.service import CampaignService, Mailer, SendOutcome
+from mailer.transport import SmtpPool
 
 EXAMPLE_FILES = ("contacts.csv", "vendor-list.csv", "vendor-attestation.toml")
 DEMO_DB = "demo.db"
+EXAMPLE_CAMPAIGN = "autumn-maintenance.toml"
 REASON_TEXT = {
     "no_consent": "never gave marketing consent",
     "withdrawn": "withdrew marketing consent",
@@ -52,6 +58,56 @@ def _import_line(console: Console, label: str, summary: ImportSummary) -> None:
         console.print(f"    consent ignored ({reason.replace('_', ' ')}): {count}", markup=False)
     for reject in summary.rejects:
         console.print(f"    row {reject.row_number} rejected: {reject.message}", markup=False)
+
+
+def _copy_example_campaign(folder: Path) -> Path:
+    """The example campaign lives in the checkout's campaigns/ folder; the demo sends a copy."""
+    source = Path(__file__).resolve().parent.parent / "campaigns"
+    toml = source / EXAMPLE_CAMPAIGN
+    if not toml.exists():
+        raise BadInput(f"the example campaign {toml} is missing: run the demo from a checkout")
+    target = folder / "campaigns"
+    target.mkdir(exist_ok=True)
+    for file in source.glob(toml.stem + ".*"):
+        shutil.copyfile(file, target / file.name)
+    return target / EXAMPLE_CAMPAIGN
+
+
+async def _send_to_capture(mailer: Mailer, campaign: Path, outbox: Path) -> SendOutcome:
+    shutil.rmtree(outbox, ignore_errors=True)
+    async with CaptureSmtpServer(outbox) as server, SmtpPool(server.url, size=2) as pool:
+        return await CampaignService(mailer).send(campaign, transport=pool)
+
+
+def _who_was_mailed(console: Console, mailer: Mailer, campaign_id: int) -> None:
+    table = Table(title="Who received the campaign, and why the others did not")
+    table.add_column("contact")
+    table.add_column("mailed")
+    table.add_column("why")
+    with mailer.session() as session:
+        conn = session.connection()
+        gate = {
+            row.email: (row.excluded_reason, row.tracking_allowed)
+            for row in conn.execute(
+                queries.eligibility("marketing", mailer.settings.require_double_opt_in)
+            )
+        }
+        delivered = {
+            email: (status, tracking)
+            for email, status, tracking in conn.execute(
+                select(Contact.email, Delivery.status, Delivery.tracking)  # type: ignore[call-overload]
+                .join(Delivery, Delivery.contact_id == Contact.id)
+                .where(Delivery.campaign_id == campaign_id)
+            )
+        }
+    for email, (reason, _tracking) in gate.items():
+        if email in delivered:
+            status, tracking = delivered[email]
+            how = "with open and click tracking" if tracking else "clean links: no tracking consent"
+            table.add_row(email, f"[green]{status}[/green]", f"marketing consent; {how}")
+        else:
+            table.add_row(email, "[red]no[/red]", REASON_TEXT.get(reason or "", reason or ""))
+    console.print(table)
 
 
 def run_demo(folder: Path, console: Console) -> None:
@@ -89,26 +145,27 @@ def run_demo(folder: Path, console: Console) -> None:
         )
         _import_line(console, "vendor-list.csv (bought, with attestation)", vendor)
 
-        table = Table(title="Who may receive a marketing campaign, and why not")
-        table.add_column("contact")
-        table.add_column("marketing")
-        table.add_column("why")
-        with mailer.session() as session:
-            rows = (
-                session.connection()
-                .execute(queries.eligibility("marketing", mailer.settings.require_double_opt_in))
-                .all()
-            )
-        for _id, email, reason, _tracking in rows:
-            if reason is None:
-                table.add_row(email, "[green]yes[/green]", "consent on record")
-            else:
-                table.add_row(email, "[red]no[/red]", REASON_TEXT.get(reason, reason))
-        console.print(table)
+        campaign = _copy_example_campaign(folder)
+        outbox = folder / "outbox"
+        outcome = asyncio.run(_send_to_capture(mailer, campaign, outbox))
+        console.print(
+            f"  sent campaign {outcome.prepared.definition.name!r} to a local capture SMTP "
+            f"server: {outcome.stats.sent} messages written to {outbox}/",
+            markup=False,
+        )
+        _who_was_mailed(console, mailer, outcome.prepared.campaign_id)
         db = f"--db sqlite:///{folder / DEMO_DB}"
         console.print("Look closer:")
+        console.print(f"  ls {outbox}", markup=False)
+        console.print(
+            f"  mailer {db} campaign report {outcome.prepared.definition.name}", markup=False
+        )
         console.print(f"  mailer {db} contacts show dana@example.com", markup=False)
         console.print(f"  mailer {db} vendors list", markup=False)
-        console.print(f"  mailer {db} suppressions list", markup=False)
+        console.print(
+            f"  MAILER_BASE_URL={mailer.settings.base_url} mailer {db} serve   "
+            "(then open the links in the .eml files)",
+            markup=False,
+        )
     finally:
         mailer.close()

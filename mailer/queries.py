@@ -262,16 +262,32 @@ def mark_sending(ids: Sequence[int], owner: str, now: datetime, lease_until: dat
     )
 
 
-def mark_uncertain(campaign_id: int, now: datetime) -> Any:
-    """Deliveries left `sending` by a process whose lease ran out: maybe delivered, maybe not."""
+def mark_uncertain(campaign_id: int, now: datetime, dead_owners: Sequence[str] = ()) -> Any:
+    """Deliveries left `sending` by a process that died (its lease ran out, or it is known to be
+    gone): maybe delivered, maybe not."""
+    gone = or_(deliveries.c.lease_until < now, deliveries.c.lease_owner.in_(list(dead_owners)))
     return (
         update(deliveries)
         .where(
             deliveries.c.campaign_id == campaign_id,
             deliveries.c.status == DeliveryStatus.SENDING.value,
-            deliveries.c.lease_until < now,
+            gone,
         )
         .values(status=DeliveryStatus.UNCERTAIN.value, lease_owner=None)
+    )
+
+
+def lease_owners(campaign_id: int) -> Select[Any]:
+    return (
+        select(deliveries.c.lease_owner)
+        .where(
+            deliveries.c.campaign_id == campaign_id,
+            deliveries.c.lease_owner.is_not(None),
+            deliveries.c.status.in_(
+                [DeliveryStatus.QUEUED.value, DeliveryStatus.SENDING.value]
+            ),
+        )
+        .distinct()
     )
 
 
@@ -286,13 +302,13 @@ def requeue_uncertain(campaign_id: int) -> Any:
     )
 
 
-def release_claims(campaign_id: int, owner: str) -> Any:
+def release_claims(campaign_id: int, owners: Sequence[str]) -> Any:
     return (
         update(deliveries)
         .where(
             deliveries.c.campaign_id == campaign_id,
             deliveries.c.status == DeliveryStatus.QUEUED.value,
-            deliveries.c.lease_owner == owner,
+            deliveries.c.lease_owner.in_(list(owners)),
         )
         .values(lease_owner=None, lease_until=None)
     )

@@ -37,10 +37,17 @@ class Composer(Protocol):
 
 
 class SendResultLike(Protocol):
-    status: str  # sent, temporary, permanent, unknown
-    code: int | None
-    message: str
-    hard_bounce: bool
+    @property
+    def status(self) -> str: ...  # sent, temporary, permanent, unknown
+
+    @property
+    def code(self) -> int | None: ...
+
+    @property
+    def message(self) -> str: ...
+
+    @property
+    def hard_bounce(self) -> bool: ...
 
 
 class Sender(Protocol):

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from mailer.cli import app
 from mailer.config import load_settings, normalise_database_url
 from mailer.service import Mailer
+from tests.smtp_server import CaptureServer
 
 TEST_KEY = "test-key-0123456789abcdefghijklmnopqrstuvwxyz"
 PG_ENV = "MAILER_TEST_DATABASE_URL"
@@ -123,6 +124,47 @@ def write_csv(tmp_path: Path) -> Callable[..., Path]:
     def write(content: str, name: str | None = None, encoding: str = "utf-8") -> Path:
         path = tmp_path / (name or f"contacts-{next(counter)}.csv")
         path.write_bytes(content.encode(encoding))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[CaptureServer]:
+    """A real SMTP server (aiosmtpd) on a free loopback port, recording what arrives."""
+    with CaptureServer() as server:
+        yield server
+
+
+CAMPAIGN_HTML = """<html><body>
+<h1>Hello {{ contact.first_name or "friend" }}</h1>
+<p>Our <a href="https://shop.example.com/autumn">autumn offer</a> and
+<a href="https://shop.example.com/tips?x=1&amp;y=2">tips</a>.
+Call <a href="tel:+31301234567">us</a> or <a href="mailto:info@shop.example.com">mail</a>.</p>
+</body></html>
+"""
+
+
+@pytest.fixture
+def campaign_file(tmp_path: Path) -> Callable[..., Path]:
+    """Write a campaign TOML (and its template) and return its path."""
+
+    def write(
+        name: str = "autumn",
+        html: str = CAMPAIGN_HTML,
+        extra: str = "",
+        subject: str = "Hello {{ contact.first_name or 'friend' }}",
+        sender: str = "Shop <news@shop.example.com>",
+    ) -> Path:
+        folder = tmp_path / "campaigns"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{name}.html").write_text(html, encoding="utf-8")
+        toml = (
+            f'name = "{name}"\nsubject = "{subject}"\nfrom = "{sender}"\n'
+            f'template = "{name}.html"\n{extra}'
+        )
+        path = folder / f"{name}.toml"
+        path.write_text(toml, encoding="utf-8")
         return path
 
     return write

@@ -306,17 +306,20 @@ class DeliveryStore:
             conn.execute(queries.release_claims(self.campaign_id, [self.owner]))
 
     def remaining(self) -> tuple[int, int, datetime | None]:
-        """(queued, sending, when the next queued one is due) for the whole campaign."""
+        """(queued, sending, when the next unclaimed queued one is due) for the campaign."""
         d = queries.deliveries
         with self.engine.connect() as conn:
             counts: dict[str, int] = {
                 status: count
                 for status, count in conn.execute(queries.delivery_counts(self.campaign_id))
             }
+            # retries wait in the queue unowned until they are due; rows another sender has
+            # claimed are that sender's to send, not something to wait for
             due = conn.execute(
                 select(func.min(d.c.lease_until)).where(
                     d.c.campaign_id == self.campaign_id,
                     d.c.status == DeliveryStatus.QUEUED.value,
+                    d.c.lease_owner.is_(None),
                 )
             ).scalar()
         return (

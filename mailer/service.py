@@ -40,6 +40,7 @@ from mailer.models import (
     SuppressionReason,
     utcnow,
 )
+from mailer.render import TemplateError
 from mailer.report import build_report, campaign_by_name
 from mailer.runner import CampaignRunner, Progress, RunOptions, RunStats, Sender
 
@@ -325,19 +326,26 @@ class CampaignService:
 
     def _preflight(self, definition: CampaignDefinition, sample: int = 20) -> None:
         """Compose the message for the first contacts of the audience before anything is
-        queued: template code that misbehaves, or a variable most contacts lack, stops here."""
+        queued. Unsafe template code, or a template that fails for every one of them, stops the
+        campaign here; a message that fails for one contact's data fails at send time, for that
+        contact only (and the error-rate pause guards against many such)."""
         composer = self.composer(definition, 0)
+        problems: list[str] = []
         with self.engine.connect() as conn:
             rows = conn.execute(gate_for(definition, self.settings).limit(sample * 5)).all()
             eligible = [r.id for r in rows if r.excluded_reason is None][:sample]
-            for recipient in _recipients(conn, eligible):
-                try:
-                    composer.compose(Claimed(0, recipient, True))
-                except MailerError as exc:
-                    raise BadInput(
-                        f"{definition.path}: the message for {recipient.email} cannot be "
-                        f"composed: {exc}"
-                    ) from None
+            recipients = _recipients(conn, eligible)
+        for recipient in recipients:
+            try:
+                composer.compose(Claimed(0, recipient, True))
+            except TemplateError as exc:
+                if exc.reason.startswith("unsafe template code"):
+                    raise BadInput(f"{definition.path}: {exc}") from None
+                problems.append(f"the message for {recipient.email} cannot be composed: {exc}")
+            except MailerError as exc:
+                problems.append(f"the message for {recipient.email} cannot be composed: {exc}")
+        if recipients and len(problems) == len(recipients):
+            raise BadInput(f"{definition.path}: {problems[0]}")
 
     def _prepare_in(
         self,
@@ -417,9 +425,10 @@ class CampaignService:
         resend_uncertain: bool = False,
         lease_seconds: float = 120.0,
     ) -> SendOutcome:
+        options = options or RunOptions(purpose="marketing")
+        resend_uncertain = resend_uncertain or options.resend_uncertain
         prepared = self.prepare(path, resend_uncertain=resend_uncertain)
         definition = prepared.definition
-        options = options or RunOptions(purpose=definition.purpose)
         options = replace(
             options,
             purpose=definition.purpose,

@@ -40,7 +40,9 @@ async def send_campaign(
         return await campaigns.send(path, transport=transport, options=run_options)
 
 
-def given_state(mailer: Mailer, email: str, marketing: str, tracking: bool, suppressed: bool) -> None:
+def given_state(
+    mailer: Mailer, email: str, marketing: str, tracking: bool, suppressed: bool
+) -> None:
     grant = ConsentStatus.GRANTED
     if marketing in ("granted", "withdrawn", "regranted"):
         mailer.record_consent(email, "marketing", grant, source="webform")
@@ -82,17 +84,23 @@ async def test_delivered_set_equals_eligible_set(
     mailer: Mailer,
     smtp_server: CaptureServer,
     campaign_file: Callable[..., Path],
+    tmp_path: Path,
     people: list[tuple[str, bool, bool]],
 ) -> None:
     n = next(namespaces)
     smtp_server.clear()
+    # each example gets its own contacts, tagged, and a campaign for that tag only
+    emails = [f"g{n}-{i}@example.org" for i in range(len(people))]
+    tagged = tmp_path / f"tagged-{n}.csv"
+    tagged.write_text("email,tags\n" + "".join(f"{e},ns{n}\n" for e in emails))
+    mailer.import_contacts(tagged)
     expected = set()
-    for i, (marketing, tracking, suppressed) in enumerate(people):
-        email = f"g{n}-{i}@example.org"
+    for email, (marketing, tracking, suppressed) in zip(emails, people, strict=True):
         given_state(mailer, email, marketing, tracking, suppressed)
         if marketing in ("granted", "confirmed", "regranted") and not suppressed:
             expected.add(email)
-    outcome = await send_campaign(mailer, campaign_file(name=f"gate-{n}"), smtp_server)
+    path = campaign_file(name=f"gate-{n}", extra=f'tags = ["ns{n}"]\n')
+    outcome = await send_campaign(mailer, path, smtp_server)
 
     arrived = Counter(r for m in smtp_server.messages for r in m.recipients)
     assert set(arrived) == expected

@@ -18,7 +18,7 @@ from sqlalchemy import update
 
 from mailer import queries
 from mailer.delivery_store import DeliveryStore
-from mailer.models import ConsentStatus, utcnow
+from mailer.models import utcnow
 from mailer.service import CampaignService, Mailer
 from tests.smtp_server import CaptureServer
 from tests.test_consent_gate import send_campaign
@@ -60,7 +60,7 @@ def test_a_sender_killed_mid_campaign_and_restarted_sends_nobody_twice(
     first = sender_process(smtp_env, campaign, "--concurrency", "3", "--batch-size", "40")
     smtp_server.wait_for(40, timeout=30)
     first.send_signal(signal.SIGKILL)
-    first.wait(timeout=10)
+    first.communicate(timeout=10)
     killed_at = len(smtp_server.messages)
     assert killed_at < len(emails), "the sender finished before it could be killed"
 

@@ -35,7 +35,8 @@ async def test_headers_links_and_tracking_as_they_arrive(
     tokens = Tokens(mailer.settings.secret_keys)
     with mailer.session() as session:
         deliveries = {
-            d.contact_id: d for d in session.exec(select(Delivery)).scalars()  # type: ignore[call-overload]
+            d.contact_id: d
+            for d in session.exec(select(Delivery)).scalars()  # type: ignore[call-overload]
         }
         links = [
             link.url

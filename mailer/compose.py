@@ -23,6 +23,11 @@ def default_reason(definition: CampaignDefinition, settings: Settings) -> str:
 
 
 def compile_definition(definition: CampaignDefinition, settings: Settings) -> CompiledCampaign:
+    if not settings.postal_address or not settings.postal_address.strip():
+        raise ConfigError(
+            "set MAILER_POSTAL_ADDRESS (or postal_address in mailer.toml): every marketing "
+            "mail must name the sender's postal address"
+        )
     return compile_campaign(
         definition.html_source,
         definition.text_source,

@@ -43,7 +43,6 @@ _KNOWN_FILE_KEYS = {
 }
 DEFAULT_SMTP_URL = "smtp://127.0.0.1:25"
 DEFAULT_SENDER_NAME = "mailer"
-DEFAULT_POSTAL_ADDRESS = "(set MAILER_POSTAL_ADDRESS: your company's postal address)"
 DEFAULT_ERROR_THRESHOLD = 0.2
 
 
@@ -56,7 +55,7 @@ class Settings:
     operator: str = "operator"
     smtp_url: str = DEFAULT_SMTP_URL
     sender_name: str = DEFAULT_SENDER_NAME
-    postal_address: str = DEFAULT_POSTAL_ADDRESS
+    postal_address: str | None = None  # required to send: every marketing mail names the sender
     dkim_selector: str | None = None
     dkim_domain: str | None = None
     dkim_key_file: Path | None = None
@@ -230,6 +229,7 @@ def load_settings(
         or env.get("LOGNAME")
         or "operator"
     )
+
     def pick(env_name: str, file_key: str, default: Any = None) -> Any:
         return env.get(env_name) or file_values.get(file_key) or default
 
@@ -245,9 +245,7 @@ def load_settings(
     return Settings(
         smtp_url=str(pick("MAILER_SMTP_URL", "smtp_url", DEFAULT_SMTP_URL)),
         sender_name=str(pick("MAILER_SENDER_NAME", "sender_name", DEFAULT_SENDER_NAME)),
-        postal_address=str(
-            pick("MAILER_POSTAL_ADDRESS", "postal_address", DEFAULT_POSTAL_ADDRESS)
-        ),
+        postal_address=pick("MAILER_POSTAL_ADDRESS", "postal_address"),
         dkim_selector=pick("MAILER_DKIM_SELECTOR", "dkim_selector"),
         dkim_domain=pick("MAILER_DKIM_DOMAIN", "dkim_domain"),
         dkim_key_file=Path(dkim_key) if dkim_key else None,

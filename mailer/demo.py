@@ -28,6 +28,11 @@ from mailer.transport import SmtpPool
 EXAMPLE_FILES = ("contacts.csv", "vendor-list.csv", "vendor-attestation.toml")
 DEMO_DB = "demo.db"
 EXAMPLE_CAMPAIGN = "autumn-maintenance.toml"
+DEMO_ENV = {
+    "MAILER_OPERATOR": "demo",
+    "MAILER_SENDER_NAME": "Actief Klussenservice",
+    "MAILER_POSTAL_ADDRESS": "Voorbeeldstraat 1, 3511 AA Utrecht",
+}
 REASON_TEXT = {
     "no_consent": "never gave marketing consent",
     "withdrawn": "withdrew marketing consent",
@@ -79,7 +84,9 @@ async def _send_to_capture(mailer: Mailer, campaign: Path, outbox: Path) -> Send
         return await CampaignService(mailer).send(campaign, transport=pool)
 
 
-def _who_was_mailed(console: Console, mailer: Mailer, campaign_id: int) -> None:
+def _who_was_mailed(
+    console: Console, mailer: Mailer, campaign_id: int, rejected: list[ImportSummary]
+) -> None:
     table = Table(title="Who received the campaign, and why the others did not")
     table.add_column("contact")
     table.add_column("mailed")
@@ -107,6 +114,10 @@ def _who_was_mailed(console: Console, mailer: Mailer, campaign_id: int) -> None:
             table.add_row(email, f"[green]{status}[/green]", f"marketing consent; {how}")
         else:
             table.add_row(email, "[red]no[/red]", REASON_TEXT.get(reason or "", reason or ""))
+    for summary in rejected:
+        for reject in summary.rejects:
+            if reject.email and reject.email not in gate:
+                table.add_row(reject.email, "[red]no[/red]", f"not imported: {reject.message}")
     console.print(table)
 
 
@@ -114,7 +125,7 @@ def run_demo(folder: Path, console: Console) -> None:
     folder = folder.resolve()
     _fresh_folder(folder)
     url = f"sqlite:///{folder / DEMO_DB}"
-    mailer = Mailer(load_settings({"MAILER_OPERATOR": "demo"}, database_url=url, cwd=folder))
+    mailer = Mailer(load_settings(DEMO_ENV, database_url=url, cwd=folder))
     try:
         console.print(f"[bold]mailer demo[/bold] in {folder}")
         result = mailer.init()
@@ -153,7 +164,7 @@ def run_demo(folder: Path, console: Console) -> None:
             f"server: {outcome.stats.sent} messages written to {outbox}/",
             markup=False,
         )
-        _who_was_mailed(console, mailer, outcome.prepared.campaign_id)
+        _who_was_mailed(console, mailer, outcome.prepared.campaign_id, [first_party, vendor])
         db = f"--db sqlite:///{folder / DEMO_DB}"
         console.print("Look closer:")
         console.print(f"  ls {outbox}", markup=False)
@@ -162,10 +173,5 @@ def run_demo(folder: Path, console: Console) -> None:
         )
         console.print(f"  mailer {db} contacts show dana@example.com", markup=False)
         console.print(f"  mailer {db} vendors list", markup=False)
-        console.print(
-            f"  MAILER_BASE_URL={mailer.settings.base_url} mailer {db} serve   "
-            "(then open the links in the .eml files)",
-            markup=False,
-        )
     finally:
         mailer.close()

@@ -132,6 +132,8 @@ class CampaignRunner:
         self.progress.start(queued)
         try:
             await self._loop()
+            if self.stop.is_set():
+                self.stats.stopped = True
         finally:
             self.store.release()
             self.progress.finish()

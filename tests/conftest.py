@@ -77,6 +77,8 @@ def env(database_url: str) -> dict[str, str]:
         "MAILER_DATABASE_URL": database_url,
         "MAILER_SECRET_KEYS": TEST_KEY,
         "MAILER_OPERATOR": "tester",
+        "MAILER_SENDER_NAME": "Shop BV",
+        "MAILER_POSTAL_ADDRESS": "Voorbeeldstraat 1, 3511 AA Utrecht",
     }
 
 

@@ -137,3 +137,33 @@ def test_three_sender_processes_deliver_each_message_exactly_once(
     assert (report["sent"], report["uncertain"], report["status"]) == (300, 0, "finished")
     # the pool opens connections only when it has something to send: all three took part
     assert smtp_server.connections >= 3
+
+
+def test_ctrl_c_finishes_what_is_in_flight_and_stops_cleanly(
+    mailer: Mailer,
+    env: dict[str, str],
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    emails = many_contacts(mailer, tmp_path, 120)
+    smtp_server.delay(0.02, stage="end_of_data")
+    campaign = campaign_file()
+    smtp_env = {**env, "MAILER_SMTP_URL": smtp_server.url}
+
+    sender = sender_process(smtp_env, campaign, "--concurrency", "2", "--batch-size", "30")
+    smtp_server.wait_for(20, timeout=30)
+    sender.send_signal(signal.SIGINT)
+    out, err = sender.communicate(timeout=30)
+    assert sender.returncode == 1, err.decode()
+    assert "Traceback" not in err.decode()
+    assert "run the same command again to continue" in out.decode()
+    report = CampaignService(mailer).report("autumn")
+    assert report["uncertain"] == 0 and report["sending"] == 0
+    assert 0 < report["sent"] < len(emails)
+
+    again = sender_process(smtp_env, campaign, "--concurrency", "2")
+    _out, err = again.communicate(timeout=60)
+    assert again.returncode == 0, err.decode()
+    arrived = Counter(r for m in smtp_server.messages for r in m.recipients)
+    assert sorted(arrived) == emails and set(arrived.values()) == {1}

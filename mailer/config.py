@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -40,10 +41,14 @@ _KNOWN_FILE_KEYS = {
     "dkim_domain",
     "dkim_key_file",
     "error_threshold",
+    "brand_color",
+    "logo_url",
+    "company_url",
 }
 DEFAULT_SMTP_URL = "smtp://127.0.0.1:25"
 DEFAULT_SENDER_NAME = "mailer"
 DEFAULT_ERROR_THRESHOLD = 0.2
+DEFAULT_BRAND_COLOR = "#1d4e89"
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,9 @@ class Settings:
     dkim_domain: str | None = None
     dkim_key_file: Path | None = None
     error_threshold: float = DEFAULT_ERROR_THRESHOLD
+    brand_color: str = DEFAULT_BRAND_COLOR
+    logo_url: str | None = None
+    company_url: str | None = None
     key_file: Path | None = None
     config_file: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -250,6 +258,9 @@ def load_settings(
         dkim_domain=pick("MAILER_DKIM_DOMAIN", "dkim_domain"),
         dkim_key_file=Path(dkim_key) if dkim_key else None,
         error_threshold=error_threshold,
+        brand_color=_colour(pick("MAILER_BRAND_COLOR", "brand_color", DEFAULT_BRAND_COLOR)),
+        logo_url=pick("MAILER_LOGO_URL", "logo_url"),
+        company_url=pick("MAILER_COMPANY_URL", "company_url"),
         database_url=url,
         secret_keys=keys,
         base_url=str(
@@ -265,6 +276,13 @@ def load_settings(
         key_file=key_file,
         config_file=config_path,
     )
+
+
+def _colour(raw: object) -> str:
+    value = str(raw).strip()
+    if not re.fullmatch(r"#[0-9a-fA-F]{6}", value):
+        raise ConfigError(f"brand colour {value!r} must look like #1d4e89")
+    return value
 
 
 def generate_key_file(path: Path) -> str:

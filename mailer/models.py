@@ -248,3 +248,48 @@ class Delivery(SQLModel, table=True):
     finished_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+
+
+class EngagementEvent(SQLModel, table=True):
+    """An open or a click, kept with its human/machine classification; nothing is deleted."""
+
+    __tablename__ = "engagement_events"
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: int = Field(foreign_key="deliveries.id")
+    campaign_id: int = Field(foreign_key="campaigns.id")
+    contact_id: int | None = Field(default=None, foreign_key="contacts.id")
+    kind: str = Field(max_length=8)
+    link_position: int | None = None
+    occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    ip_masked: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=512)
+    machine: bool
+    machine_reason: str | None = Field(default=None, max_length=64)
+
+
+class SubscriptionStatus(StrEnum):
+    PENDING = "pending"
+    CONFIRMED = "confirmed"
+    EXPIRED = "expired"
+
+
+class Subscription(SQLModel, table=True):
+    """A sign-up waiting for (or done with) its double opt-in confirmation."""
+
+    __tablename__ = "subscriptions"
+    id: int | None = Field(default=None, primary_key=True)
+    contact_id: int = Field(foreign_key="contacts.id")
+    purposes: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    policy_version: str | None = Field(default=None, max_length=64)
+    wording: str | None = None
+    source: str = Field(max_length=255)
+    requested_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    ip_masked: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=512)
+    mailed_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    confirmed_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    status: str = Field(max_length=16)

@@ -80,3 +80,43 @@ async def test_headers_links_and_tracking_as_they_arrive(
         else:
             assert "/c/" not in html and "/o/" not in html
             assert 'href="https://shop.example.com/autumn"' in html
+
+
+@pytest.mark.asyncio
+async def test_dkim_from_settings_signs_what_arrives(
+    env: dict[str, str],
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    import dkim
+
+    from mailer.config import load_settings
+    from tests.test_message_headers import rsa_key_pair
+
+    pem, record = rsa_key_pair(1024)
+    key_file = tmp_path / "dkim.pem"
+    key_file.write_bytes(pem)
+    settings = load_settings(
+        {**env, "MAILER_DKIM_SELECTOR": "mail", "MAILER_DKIM_KEY_FILE": str(key_file)},
+        cwd=tmp_path,
+    )
+    signing = Mailer(settings)
+    signing.init()
+    try:
+        signing.record_consent("d@example.org", "marketing", ConsentStatus.GRANTED, source="x")
+        await send_campaign(signing, campaign_file(), smtp_server)
+    finally:
+        signing.close()
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        assert name == b"mail._domainkey.shop.example.com."
+        return record
+
+    (message,) = smtp_server.messages
+    assert dkim.verify(message.data, dnsfunc=dns)
+    header = message.data.replace(b"\r\n ", b"").replace(b" ", b"")
+    found = re.search(rb"\bh=([^;]+);", header)
+    assert found is not None
+    signed = {name.strip() for name in found.group(1).lower().split(b":")}
+    assert {b"list-unsubscribe", b"list-unsubscribe-post"} <= signed

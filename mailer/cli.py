@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
-from mailer.config import load_settings, redact_url
+from mailer.config import load_settings, parse_keys, redact_url
 from mailer.errors import MailerError
 from mailer.imports import ImportSummary
 from mailer.models import ConsentStatus, as_utc
@@ -767,6 +767,139 @@ def demo(
     from mailer.demo import run_demo
 
     run_demo(folder, out)
+
+
+# -- the tracking app and signing keys (issue 4) --------------------------------------------------
+
+keys_app = typer.Typer(help="The keys that sign links.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+SERVE_APP_FACTORY = "mailer.cli:serve_app"
+
+
+def serve_app() -> Any:
+    """The app factory `mailer serve` hands to uvicorn: every worker builds its own app.
+
+    Workers are processes started by `serve` and inherit its environment, into which `serve`
+    has written its --db option: so each worker builds, with load_settings, exactly the
+    settings `serve` checked before starting them, and this module stays the only reader of
+    the environment.
+    """
+    from mailer.tracking.app import create_app, prepare_worker
+
+    tracking_app = create_app(Mailer(load_settings(dict(os.environ))).ready())
+    prepare_worker()
+    return tracking_app
+
+
+@app.command()
+@handled
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, max=256, help="Worker processes sharing the port.")
+    ] = 1,
+    trusted_proxies: Annotated[
+        str | None,
+        typer.Option(
+            help="Proxies whose X-Forwarded-For gives the client address (comma-separated "
+            "addresses, or *; default MAILER_TRUSTED_PROXIES, else 127.0.0.1)."
+        ),
+    ] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Serve the tracking app (pixel, click, unsubscribe, confirm, preferences) under uvicorn."""
+    from mailer.tracking.app import serve as run_server
+
+    _mailer(ctx).close()  # the database and keys are checked before any worker starts
+    db = ctx.ensure_object(dict).get("db")
+    if db:
+        os.environ["MAILER_DATABASE_URL"] = db  # what the workers' settings are built from
+    run_server(
+        SERVE_APP_FACTORY,
+        host=host,
+        port=port,
+        workers=workers,
+        trusted_proxies=trusted_proxies or os.environ.get("MAILER_TRUSTED_PROXIES") or "127.0.0.1",
+        log_level=log_level,
+        access_log=access_log,
+    )
+
+
+def _append_key(path: Path, key: str) -> None:
+    """Append a key to an embedded database's key file: a new file (mode 0600) replaces the
+    old one in one step, so a crash leaves either the old list or the new one."""
+    import tempfile
+
+    current = path.read_text(encoding="utf-8")
+    if current and not current.endswith("\n"):
+        current += "\n"
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:  # mkstemp makes it 0600
+            fh.write(current + key + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+@keys_app.command("rotate")
+@handled
+def keys_rotate(ctx: typer.Context) -> None:
+    """Add a new signing key: links are signed with it from now on, and links signed with the
+    older keys keep working. No key is ever removed here (the oldest keys the suppression
+    hashes)."""
+    import secrets
+
+    settings = _mailer(ctx).settings
+    key = secrets.token_urlsafe(48)
+    keys = [*settings.secret_keys, key]
+    key_file = settings.key_file
+    from_key_file = (
+        not os.environ.get("MAILER_SECRET_KEYS")
+        and key_file is not None
+        and key_file.exists()
+        and parse_keys(key_file.read_text(encoding="utf-8").replace("\n", ","), str(key_file))
+        == settings.secret_keys
+    )
+    if from_key_file:
+        assert key_file is not None
+        _append_key(key_file, key)
+        out.print(
+            f"Added a signing key to {key_file}: {len(keys)} keys, the newest signs new links, "
+            "all of them verify. Restart `mailer serve` and running senders to sign with it.",
+            markup=False,
+        )
+        return
+    out.print("New signing key (add it at the END of the list; keep every older key):")
+    out.print(key, markup=False)
+    out.print("Set, wherever mailer runs (tracking app, senders, CLI):", markup=False)
+    out.print(f"MAILER_SECRET_KEYS={','.join(keys)}", markup=False)
+    if not os.environ.get("MAILER_SECRET_KEYS") and settings.config_file is not None:
+        listed = ", ".join(json.dumps(k) for k in keys)
+        out.print(f"or, in {settings.config_file}: secret_keys = [{listed}]", markup=False)
+    out.print(
+        "Then restart `mailer serve` and running senders. Links signed with the older keys keep "
+        "working; the oldest key must stay first (it keys the suppression hashes).",
+        markup=False,
+    )
+
+
+# -- privacy operations (issue 6): mailer/cli_privacy.py ------------------------------------------
+
+from mailer.cli_privacy import audit_app, policy_app, privacy_app, retention_app  # noqa: E402
+
+app.add_typer(privacy_app, name="privacy")
+app.add_typer(retention_app, name="retention")
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

@@ -8,7 +8,8 @@ from typing import Any
 from mailer.campaigns import CampaignDefinition
 from mailer.config import Settings
 from mailer.delivery_store import Claimed
-from mailer.errors import ConfigError
+from mailer.engagement import HONEYPOT_POSITION
+from mailer.errors import BadInput, ConfigError
 from mailer.message import DkimConfig, MessageTemplate, build_message_template
 from mailer.render import CompiledCampaign, compile_campaign
 from mailer.runner import Composed
@@ -64,9 +65,14 @@ class CampaignComposer:
         self, definition: CampaignDefinition, campaign_id: int, settings: Settings
     ) -> None:
         self.definition = definition
+        self.campaign_id = campaign_id
         self.base_url = settings.base_url
         self.tokens = Tokens(settings.secret_keys)
         self.compiled = compile_definition(definition, settings)
+        if len(self.compiled.links) >= HONEYPOT_POSITION:
+            raise BadInput(
+                f"{definition.path}: a campaign can have at most {HONEYPOT_POSITION - 1} links"
+            )
         dkim = dkim_config(settings)
         if dkim is not None and not dkim.domain:
             dkim = DkimConfig(dkim.selector, definition.domain, dkim.private_key_pem)
@@ -94,15 +100,19 @@ class CampaignComposer:
         sign = self.tokens.sign
         base = self.base_url
         unsubscribe_token = sign(TokenKind.UNSUBSCRIBE, (delivery_id,))
+        # Open and click tokens carry the campaign too, so the tracking app can answer and
+        # record them without asking the database which campaign a delivery belongs to.
+        campaign_id = self.campaign_id
         click_url = None
-        open_url = None
+        open_url = honeypot_url = None
         if claimed.tracking and self.definition.track_clicks:
 
             def click_url(position: int) -> str:
-                return f"{base}/c/{sign(TokenKind.CLICK, (delivery_id, position))}"
+                return f"{base}/c/{sign(TokenKind.CLICK, (delivery_id, campaign_id, position))}"
 
+            honeypot_url = click_url(HONEYPOT_POSITION)
         if claimed.tracking and self.definition.track_opens:
-            open_url = f"{base}/o/{sign(TokenKind.OPEN, (delivery_id,))}"
+            open_url = f"{base}/o/{sign(TokenKind.OPEN, (delivery_id, campaign_id))}"
         context: dict[str, Any] = {"contact": recipient, "campaign": self.campaign_context}
         rendered = self.compiled.render(
             context,
@@ -110,6 +120,7 @@ class CampaignComposer:
             preferences_url=f"{base}/p/{sign(TokenKind.PREFERENCES, (delivery_id,))}",
             click_url=click_url,
             open_url=open_url,
+            honeypot_url=honeypot_url,
         )
         name = recipient.name or " ".join(
             part for part in (recipient.first_name, recipient.last_name) if part

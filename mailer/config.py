@@ -44,6 +44,12 @@ _KNOWN_FILE_KEYS = {
     "brand_color",
     "logo_url",
     "company_url",
+    "mail_from",
+    # retention periods (mailer retention purge)
+    "retention_events_months",
+    "retention_unconsented_months",
+    "retention_unconfirmed_days",
+    "retention_dead_letters_days",
 }
 DEFAULT_SMTP_URL = "smtp://127.0.0.1:25"
 DEFAULT_SENDER_NAME = "mailer"
@@ -68,6 +74,12 @@ class Settings:
     brand_color: str = DEFAULT_BRAND_COLOR
     logo_url: str | None = None
     company_url: str | None = None
+    mail_from: str | None = None  # From of mailer's own mails (double opt-in confirmations)
+    # retention periods (`mailer retention purge`), in months or days as named
+    retention_events_months: int = 13
+    retention_unconsented_months: int = 24
+    retention_unconfirmed_days: int = 30
+    retention_dead_letters_days: int = 90
     key_file: Path | None = None
     config_file: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -261,6 +273,23 @@ def load_settings(
         brand_color=_colour(pick("MAILER_BRAND_COLOR", "brand_color", DEFAULT_BRAND_COLOR)),
         logo_url=pick("MAILER_LOGO_URL", "logo_url"),
         company_url=pick("MAILER_COMPANY_URL", "company_url"),
+        mail_from=pick("MAILER_MAIL_FROM", "mail_from"),
+        retention_events_months=_period(
+            pick("MAILER_RETENTION_EVENTS_MONTHS", "retention_events_months", 13),
+            "MAILER_RETENTION_EVENTS_MONTHS",
+        ),
+        retention_unconsented_months=_period(
+            pick("MAILER_RETENTION_UNCONSENTED_MONTHS", "retention_unconsented_months", 24),
+            "MAILER_RETENTION_UNCONSENTED_MONTHS",
+        ),
+        retention_unconfirmed_days=_period(
+            pick("MAILER_RETENTION_UNCONFIRMED_DAYS", "retention_unconfirmed_days", 30),
+            "MAILER_RETENTION_UNCONFIRMED_DAYS",
+        ),
+        retention_dead_letters_days=_period(
+            pick("MAILER_RETENTION_DEAD_LETTERS_DAYS", "retention_dead_letters_days", 90),
+            "MAILER_RETENTION_DEAD_LETTERS_DAYS",
+        ),
         database_url=url,
         secret_keys=keys,
         base_url=str(
@@ -292,3 +321,14 @@ def generate_key_file(path: Path) -> str:
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(key + "\n")
     return key
+
+
+def _period(raw: object, origin: str) -> int:
+    """A retention period: a whole number of months or days, at least 1."""
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        raise ConfigError(f"{origin} must be a whole number, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{origin} must be at least 1")
+    return value

@@ -13,14 +13,18 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
-from sqlalchemy import Engine, bindparam, insert, select, update
+import psycopg
+from psycopg import sql
+from sqlalchemy import Connection, Engine, Table, any_, bindparam, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.types import String
 from sqlmodel import Session
 
 from mailer import attestations, consent, suppression
@@ -31,8 +35,10 @@ from mailer.contacts import ContactData, merge_changes, normalise_locale, split_
 from mailer.csvsafe import safe_row
 from mailer.db import session_scope
 from mailer.errors import BadInput, CsvFileError, InvalidAddress
+from mailer.masking import mask_ip
 from mailer.models import (
     ConsentMethod,
+    ConsentRecord,
     ConsentStatus,
     Contact,
     ContactSource,
@@ -47,6 +53,7 @@ MAX_REJECTS_SHOWN = 50
 MAX_TEXT = 255
 MAX_ATTRIBUTE = 2000
 FUTURE_TOLERANCE = timedelta(minutes=5)
+MEMO_SIZE = 4096  # distinct locale, tag and purpose strings remembered per import
 
 CONTACT_COLUMNS = ("email", "name", "first_name", "last_name", "locale", "tags")
 EVIDENCE_REQUIRED = ("consent_purposes", "consent_at", "consent_source")
@@ -56,6 +63,7 @@ KNOWN_COLUMNS = frozenset(CONTACT_COLUMNS + EVIDENCE_REQUIRED + EVIDENCE_OPTIONA
 contacts_table = Contact.__table__  # type: ignore[attr-defined]
 tags_table = ContactTag.__table__  # type: ignore[attr-defined]
 sources_table = ContactSource.__table__  # type: ignore[attr-defined]
+ledger_table = ConsentRecord.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -160,11 +168,24 @@ def _clean_text(raw: str, column: str, limit: int = MAX_TEXT) -> str | None:
     value = raw.strip()
     if not value:
         return None
-    if any(ch in value for ch in "\r\n\0"):
+    if "\n" in value or "\r" in value or "\0" in value:
         raise RowError(column, "line_break", f"{column} contains a line break or NUL")
     if len(value) > limit:
         raise RowError(column, "too_long", f"{column} is longer than {limit} characters")
     return value
+
+
+def _check_purposes(raw_purposes: str) -> list[str]:
+    purposes: list[str] = []
+    for raw in raw_purposes.split(";"):
+        if raw.strip():
+            try:
+                purposes.append(consent.check_purpose(raw))
+            except BadInput:
+                raise RowError(
+                    "consent_purposes", "invalid_purpose", f"invalid purpose {raw.strip()!r}"
+                ) from None
+    return purposes
 
 
 class RowParser:
@@ -172,6 +193,18 @@ class RowParser:
         self.header = list(header)
         self.attestation = attestation
         self.index = {name: i for i, name in enumerate(self.header)}
+        self.extra = [(name, i) for name, i in self.index.items() if name not in KNOWN_COLUMNS]
+        # Locales, tag lists and purpose lists repeat from row to row: validate each distinct
+        # string once (a bounded memo; invalid values are not remembered and raise every time).
+        self._locales: dict[str, str] = {}
+        self._tags: dict[str, tuple[str, ...]] = {}
+        self._purposes: dict[str, tuple[str, ...]] = {}
+
+    @staticmethod
+    def _remember(memo: dict[str, Any], raw: str, value: Any) -> Any:
+        if len(memo) < MEMO_SIZE:
+            memo[raw] = value
+        return value
 
     def parse(self, row_number: int, values: Sequence[str]) -> ParsedRow:
         if len(values) != len(self.header):
@@ -190,23 +223,31 @@ class RowParser:
         for column in ("name", "first_name", "last_name"):
             if column in get:
                 setattr(data, column, _clean_text(get[column], column))
-        if get.get("locale", "").strip():
-            try:
-                data.locale = normalise_locale(get["locale"])
-            except ValueError:
-                raise RowError(
-                    "locale", "invalid_locale", f"locale {get['locale']!r} is not a language tag"
-                ) from None
+        raw_locale = get.get("locale", "")
+        if raw_locale.strip():
+            locale = self._locales.get(raw_locale)
+            if locale is None:
+                try:
+                    locale = normalise_locale(raw_locale)
+                except ValueError:
+                    raise RowError(
+                        "locale", "invalid_locale", f"locale {raw_locale!r} is not a language tag"
+                    ) from None
+                self._remember(self._locales, raw_locale, locale)
+            data.locale = locale
         if "tags" in get:
-            try:
-                data.tags = split_tags(get["tags"])
-            except ValueError as exc:
-                raise RowError("tags", "invalid_tags", str(exc)) from None
-        for column, raw in get.items():
-            if column not in KNOWN_COLUMNS:
-                value = _clean_text(raw, column, MAX_ATTRIBUTE)
-                if value is not None:
-                    data.attributes[column] = value
+            raw_tags = get["tags"]
+            tags = self._tags.get(raw_tags)
+            if tags is None:
+                try:
+                    tags = self._remember(self._tags, raw_tags, tuple(split_tags(raw_tags)))
+                except ValueError as exc:
+                    raise RowError("tags", "invalid_tags", str(exc)) from None
+            data.tags = list(tags)
+        for column, i in self.extra:
+            value = _clean_text(values[i], column, MAX_ATTRIBUTE)
+            if value is not None:
+                data.attributes[column] = value
         return ParsedRow(row_number, data, self._evidence(get))
 
     def _evidence(self, get: dict[str, str]) -> Evidence | None:
@@ -227,22 +268,18 @@ class RowParser:
                 "partial_consent",
                 "partial consent evidence: missing " + ", ".join(missing),
             )
-        purposes: list[str] = []
-        for raw in get["consent_purposes"].split(";"):
-            if raw.strip():
-                try:
-                    purposes.append(consent.check_purpose(raw))
-                except BadInput:
-                    raise RowError(
-                        "consent_purposes", "invalid_purpose", f"invalid purpose {raw.strip()!r}"
-                    ) from None
+        purposes = self._purposes.get(get["consent_purposes"])
+        if purposes is None:
+            purposes = self._remember(
+                self._purposes,
+                get["consent_purposes"],
+                tuple(_check_purposes(get["consent_purposes"])),
+            )
         consent_at = _parse_time(get["consent_at"], "consent_at")
         source = _clean_text(get["consent_source"], "consent_source") or ""
         policy = _clean_text(get.get("consent_policy_version", ""), "consent_policy_version", 64)
         ip_masked = None
         if get.get("consent_ip", "").strip():
-            from mailer.masking import mask_ip
-
             try:
                 ip_masked = mask_ip(get["consent_ip"])
             except ValueError:
@@ -310,6 +347,142 @@ def file_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Writing one chunk
 
+NEW_CONTACT_COLUMNS = (
+    "email",
+    "email_hash",
+    "name",
+    "first_name",
+    "last_name",
+    "locale",
+    "attributes",
+    "created_at",
+    "updated_at",
+)
+LEDGER_COLUMNS = (
+    "contact_id",
+    "purpose",
+    "status",
+    "method",
+    "source",
+    "policy_version",
+    "consent_at",
+    "recorded_at",
+    "ip_masked",
+    "wording",
+    "import_id",
+    "attestation_id",
+    "evidence",
+    "note",
+    "operator",
+)
+
+
+@dataclass(frozen=True)
+class _InsertPlan:
+    statement: Any  # COPY (psycopg.sql.Composed) or INSERT (str)
+    converters: list[tuple[int, Any]]  # (position, the dialect's bind processor)
+    types: list[int]  # PostgreSQL type oids of the columns, for COPY
+
+
+class _BulkInserter:
+    """Plain INSERTs of many rows at once, without SQLAlchemy's per-row parameter handling.
+
+    PostgreSQL gets `COPY ... FROM STDIN` on the session's own connection (so it is part of the
+    import's one transaction, and rolls back with it); SQLite gets one `executemany`. Values
+    pass through the dialect's own bind processors, so what is stored is exactly what
+    `insert(table)` stores. COPY has no ON CONFLICT: use this only for rows that cannot collide
+    (contacts created in this chunk and what hangs off them, ledger rows).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.dialect = conn.dialect
+        self.postgresql = self.dialect.name == "postgresql"
+        self._plans: dict[tuple[str, tuple[str, ...]], _InsertPlan] = {}
+        self._sequences: dict[str, str] = {}
+
+    def _plan(self, table: Table, columns: tuple[str, ...]) -> _InsertPlan:
+        plan = self._plans.get((table.name, columns))
+        if plan is not None:
+            return plan
+        converters = []
+        for position, name in enumerate(columns):
+            processor = table.c[name].type.dialect_impl(self.dialect).bind_processor(self.dialect)
+            if processor is not None:
+                converters.append((position, processor))
+        if self.postgresql:
+            # The columns' own types, so that psycopg picks each column's dumper once.
+            oids = {
+                name: oid
+                for name, oid in self.conn.execute(
+                    text(
+                        "SELECT attname, atttypid FROM pg_attribute "
+                        "WHERE attrelid = CAST(:table AS regclass) AND attnum > 0 "
+                        "AND NOT attisdropped"
+                    ),
+                    {"table": table.name},
+                )
+            }
+            plan = _InsertPlan(
+                sql.SQL("COPY {} ({}) FROM STDIN").format(
+                    sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
+                ),
+                converters,
+                [int(oids[name]) for name in columns],
+            )
+        else:
+            quote = self.dialect.identifier_preparer.quote
+            plan = _InsertPlan(
+                f"INSERT INTO {quote(table.name)} ({', '.join(map(quote, columns))}) "
+                f"VALUES ({', '.join('?' for _ in columns)})",
+                converters,
+                [],
+            )
+        self._plans[(table.name, columns)] = plan
+        return plan
+
+    def insert(self, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        plan = self._plan(table, columns)
+        if plan.converters:
+            converted = []
+            for row in rows:
+                values = list(row)
+                for position, processor in plan.converters:
+                    values[position] = processor(values[position])
+                converted.append(tuple(values))
+            rows = converted
+        if not self.postgresql:
+            self.conn.exec_driver_sql(plan.statement, rows)
+            return
+        driver = self.conn.connection.driver_connection
+        assert driver is not None
+        try:
+            with driver.cursor() as cursor, cursor.copy(plan.statement) as copy:
+                copy.set_types(plan.types)
+                for row in rows:
+                    copy.write_row(row)
+        except psycopg.Error as exc:
+            # The same exception classes as every other statement (OperationalError, ...).
+            raise DBAPIError.instance(
+                plan.statement.as_string(driver), None, exc, psycopg.Error
+            ) from exc
+
+    def allocate_ids(self, table: Table, count: int) -> list[int]:
+        """`count` new ids from the table's own sequence, for COPY to write (PostgreSQL)."""
+        sequence = self._sequences.get(table.name)
+        if sequence is None:
+            sequence = self.conn.execute(
+                text("SELECT pg_get_serial_sequence(:table, 'id')"), {"table": table.name}
+            ).scalar_one()
+            self._sequences[table.name] = sequence
+        result = self.conn.execute(
+            text("SELECT nextval(CAST(:sequence AS regclass)) FROM generate_series(1, :count)"),
+            {"sequence": sequence, "count": count},
+        )
+        return [int(value) for value in result.scalars()]
+
 
 @dataclass
 class _Pending:
@@ -336,10 +509,18 @@ class _ChunkWriter:
         self.summary = summary
         self.dialect = session.connection().dialect.name
         self.key = settings.suppression_key
+        self.bulk = _BulkInserter(session.connection())
 
     def _insert_ignore(self, table: Any) -> Any:
         module = postgresql if self.dialect == "postgresql" else sqlite
         return module.insert(table).on_conflict_do_nothing()
+
+    def _emails_in(self, emails: list[str]) -> Any:
+        if self.dialect == "postgresql":
+            # One array parameter instead of thousands of expanded ones.
+            array = bindparam("emails", emails, type_=postgresql.ARRAY(String))
+            return contacts_table.c.email == any_(array)
+        return contacts_table.c.email.in_(emails)
 
     def write(self, rows: list[ParsedRow]) -> None:
         conn = self.session.connection()
@@ -374,30 +555,17 @@ class _ChunkWriter:
                     (sources_table.c.contact_id == contacts_table.c.id)
                     & (sources_table.c.import_id == self.batch.id),
                 )
-                .where(contacts_table.c.email.in_(emails))
+                .where(self._emails_in(emails))
             )
         }
         now = utcnow()
         hashes = {email: address_hash(email, self.key) for email in emails}
 
-        new_rows = [
-            {
-                "email": email,
-                "email_hash": hashes[email],
-                "name": p.data.name,
-                "first_name": p.data.first_name,
-                "last_name": p.data.last_name,
-                "locale": p.data.locale,
-                "attributes": p.data.attributes,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for email, p in pending.items()
-            if email not in existing
-        ]
-        if new_rows:
-            conn.execute(insert(contacts_table), new_rows)
-            self.summary.new += len(new_rows)
+        ids: dict[str, int] = {email: row.id for email, row in existing.items()}
+        fresh = [email for email in emails if email not in existing]
+        if fresh:
+            ids.update(self._insert_new(pending, fresh, hashes, now))
+            self.summary.new += len(fresh)
 
         updates = []
         for email, match in existing.items():
@@ -427,33 +595,81 @@ class _ChunkWriter:
                 updates,
             )
 
-        ids: dict[str, int] = {email: row.id for email, row in existing.items()}
-        if new_rows:
-            inserted = conn.execute(
-                select(contacts_table.c.email, contacts_table.c.id).where(
-                    contacts_table.c.email.in_([r["email"] for r in new_rows])
-                )
-            )
-            ids.update({email: contact_id for email, contact_id in inserted})
-
+        # Contacts that existed before this chunk may have these tags and this import's source
+        # row already; the new ones got theirs in _insert_new.
         tag_rows = [
             {"contact_id": ids[email], "tag": tag}
-            for email, p in pending.items()
-            for tag in p.data.tags
+            for email in existing
+            for tag in pending[email].data.tags
         ]
         if tag_rows:
             conn.execute(self._insert_ignore(tags_table), tag_rows)
-        conn.execute(
-            self._insert_ignore(sources_table),
-            [
-                {"contact_id": ids[email], "import_id": self.batch.id, "row_number": p.first_row}
-                for email, p in pending.items()
-            ],
-        )
+        source_rows = [
+            {"contact_id": ids[email], "import_id": self.batch.id, "row_number": p.first_row}
+            for email, p in pending.items()
+            if email in existing
+        ]
+        if source_rows:
+            conn.execute(self._insert_ignore(sources_table), source_rows)
 
         active = suppression.active(self.session, hashes.values())
         self.summary.suppressed += sum(1 for email in emails if hashes[email] in active)
-        self._record_consent(pending, ids, hashes, active)
+        self._record_consent(pending, ids, hashes, active, existing)
+
+    def _insert_new(
+        self,
+        pending: dict[str, _Pending],
+        fresh: list[str],
+        hashes: dict[str, str],
+        now: datetime,
+    ) -> dict[str, int]:
+        """Insert the contacts that do not exist yet, with their tags and source rows."""
+
+        def values(email: str) -> tuple[Any, ...]:
+            data = pending[email].data
+            return (
+                email,
+                hashes[email],
+                data.name,
+                data.first_name,
+                data.last_name,
+                data.locale,
+                data.attributes,
+                now,
+                now,
+            )
+
+        ids: dict[str, int]
+        if self.bulk.postgresql:
+            ids = dict(zip(fresh, self.bulk.allocate_ids(contacts_table, len(fresh)), strict=True))
+            self.bulk.insert(
+                contacts_table,
+                ("id", *NEW_CONTACT_COLUMNS),
+                [(ids[email], *values(email)) for email in fresh],
+            )
+        else:
+            self.bulk.insert(contacts_table, NEW_CONTACT_COLUMNS, [values(e) for e in fresh])
+            inserted = self.session.connection().execute(
+                select(contacts_table.c.email, contacts_table.c.id).where(
+                    contacts_table.c.email.in_(fresh)
+                )
+            )
+            ids = {email: contact_id for email, contact_id in inserted}
+        self.bulk.insert(
+            tags_table,
+            ("contact_id", "tag"),
+            [
+                (ids[email], tag)
+                for email in fresh
+                for tag in dict.fromkeys(pending[email].data.tags)
+            ],
+        )
+        self.bulk.insert(
+            sources_table,
+            ("contact_id", "import_id", "row_number"),
+            [(ids[email], self.batch.id, pending[email].first_row) for email in fresh],
+        )
+        return ids
 
     def _record_consent(
         self,
@@ -461,15 +677,21 @@ class _ChunkWriter:
         ids: dict[str, int],
         hashes: dict[str, str],
         active: dict[str, list[str]],
+        existing: Container[str],
     ) -> None:
         with_evidence = {email: p for email, p in pending.items() if p.evidence}
         if not with_evidence:
             return
-        states = consent.current_states(self.session, [ids[e] for e in with_evidence])
+        # A contact created by this chunk has no ledger rows yet: only ask about the others.
+        states = consent.current_states(
+            self.session, [ids[e] for e in with_evidence if e in existing]
+        )
         method = (
             ConsentMethod.VENDOR_ATTESTATION if self.attestation else ConsentMethod.IMPORT
         ).value
-        ledger_rows: list[dict[str, Any]] = []
+        wording = self.attestation.consent_wording if self.attestation else None
+        recorded_at = utcnow()
+        ledger_rows: list[tuple[Any, ...]] = []
         for email, p in with_evidence.items():
             contact_id = ids[email]
             contact_states = states.get(contact_id, {})
@@ -488,24 +710,23 @@ class _ChunkWriter:
                         continue
                     status = ConsentStatus.GRANTED if verdict is None else ConsentStatus.IGNORED
                     ledger_rows.append(
-                        {
-                            "contact_id": contact_id,
-                            "purpose": purpose,
-                            "status": status.value,
-                            "method": method,
-                            "source": evidence.source,
-                            "policy_version": evidence.policy_version,
-                            "consent_at": evidence.consent_at,
-                            "ip_masked": evidence.ip_masked,
-                            "wording": self.attestation.consent_wording
-                            if self.attestation
-                            else None,
-                            "import_id": self.batch.id,
-                            "attestation_id": self.attestation_id,
-                            "evidence": f"import {self.batch.id} row {row_number}",
-                            "note": None if verdict is None else verdict.value,
-                            "operator": self.batch.operator,
-                        }
+                        (
+                            contact_id,
+                            purpose,
+                            status.value,
+                            method,
+                            evidence.source,
+                            evidence.policy_version,
+                            evidence.consent_at,
+                            recorded_at,
+                            evidence.ip_masked,
+                            wording,
+                            self.batch.id,
+                            self.attestation_id,
+                            f"import {self.batch.id} row {row_number}",
+                            None if verdict is None else verdict.value,
+                            self.batch.operator,
+                        )
                     )
                     if verdict is None:
                         self.summary.consent_granted += 1
@@ -522,7 +743,8 @@ class _ChunkWriter:
                         )
                     else:
                         self.summary.consent_ignored[verdict.value] += 1
-        consent.append(self.session, ledger_rows)
+        # The ledger is append-only: plain inserts, as consent.append makes, in bulk.
+        self.bulk.insert(ledger_table, LEDGER_COLUMNS, ledger_rows)
 
 
 # ---------------------------------------------------------------------------------------------

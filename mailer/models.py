@@ -293,3 +293,95 @@ class Subscription(SQLModel, table=True):
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
     status: str = Field(max_length=16)
+
+
+# -- privacy operations (issue 6) ---------------------------------------------------------------
+
+
+class PrivacyRequestKind(StrEnum):
+    ACCESS = "access"
+    CORRECTION = "correction"
+    ERASURE = "erasure"
+
+
+class IdentityCheck(StrEnum):
+    PENDING = "pending"
+    VERIFIED = "verified"
+
+
+class PrivacyRequest(SQLModel, table=True):
+    """A data-subject request (access, correction, erasure): answered within 30 days.
+
+    Kept after an erasure without the contact link or note: the keyed address hash shows the
+    request was answered without saying who asked."""
+
+    __tablename__ = "privacy_requests"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=16)
+    contact_id: int | None = Field(default=None, foreign_key="contacts.id", index=True)
+    address_hash: str = Field(max_length=64, index=True)
+    channel: str = Field(max_length=64)
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    identity_check: str = Field(max_length=16)
+    verified_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    due_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    completed_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    outcome: str | None = Field(default=None, max_length=255)
+    operator: str = Field(max_length=255)
+    note: str | None = None
+
+
+class Erasure(SQLModel, table=True):
+    """That an address was erased, when and by whom; never who it was.
+
+    `contact_id` is set only inside the erasing transaction (the consent ledger's DELETE guard
+    lets exactly that contact's rows go) and cleared before it commits."""
+
+    __tablename__ = "erasures"
+    id: int | None = Field(default=None, primary_key=True)
+    address_hash: str = Field(max_length=64, index=True)
+    reason: str = Field(max_length=16)  # request (the person asked) or retention
+    erased_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    operator: str = Field(max_length=255)
+    contact_id: int | None = Field(default=None, index=True)
+    removed: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class CampaignTally(SQLModel, table=True):
+    """Anonymous counts a campaign report adds to what its deliveries and events still show:
+    what erased people (and purged events) contributed, so reports still add up."""
+
+    __tablename__ = "campaign_tallies"
+    campaign_id: int = Field(foreign_key="campaigns.id", primary_key=True)
+    metric: str = Field(max_length=64, primary_key=True)
+    count: int = 0
+
+
+class PolicyVersion(SQLModel, table=True):
+    """A published version of the privacy statement; versions sort in publication order."""
+
+    __tablename__ = "policy_versions"
+    id: int | None = Field(default=None, primary_key=True)
+    version: str = Field(max_length=64, unique=True)
+    effective_on: date
+    published_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    material: bool
+    summary: str | None = None
+    operator: str = Field(max_length=255)
+
+
+class AuditEntry(SQLModel, table=True):
+    """One operator action that changed consent, suppression, contacts, attestations or
+    policy. The subject is a keyed address hash or an id, never an address or a name."""
+
+    __tablename__ = "audit_log"
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False, index=True))
+    operator: str = Field(max_length=255)
+    action: str = Field(max_length=64)
+    subject: str | None = Field(default=None, max_length=128, index=True)
+    details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))

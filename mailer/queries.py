@@ -15,12 +15,15 @@ from sqlalchemy import Select, and_, case, exists, func, literal, or_, select, u
 from sqlalchemy.dialects import postgresql, sqlite
 
 from mailer.models import (
+    CampaignLink,
+    ConsentMethod,
     ConsentRecord,
     ConsentStatus,
     Contact,
     ContactTag,
     Delivery,
     DeliveryStatus,
+    EngagementEvent,
     Suppression,
 )
 
@@ -349,3 +352,150 @@ def fail_unsent(ids: Sequence[int], owner: str, reason: str, now: datetime) -> A
             finished_at=now,
         )
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Engagement: click targets, recording opens and clicks, and the report's counts (invariant 6)
+
+engagement_events = EngagementEvent.__table__  # type: ignore[attr-defined]
+campaign_links = CampaignLink.__table__  # type: ignore[attr-defined]
+CLICK = "click"
+OPEN = "open"
+UNSUBSCRIBE_METHODS = (ConsentMethod.ONE_CLICK.value, ConsentMethod.UNSUBSCRIBE_LINK.value)
+
+
+def health_check() -> Select[Any]:
+    """Answers when the database is up and has the tables the tracking app writes."""
+    return select(literal(1)).select_from(engagement_events).limit(1)
+
+
+def link_urls(campaign_id: int) -> Select[Any]:
+    """The campaign's own links, in position order: the only places a click may lead to."""
+    return (
+        select(campaign_links.c.position, campaign_links.c.url)
+        .where(campaign_links.c.campaign_id == campaign_id)
+        .order_by(campaign_links.c.position)
+    )
+
+
+def link_counts(campaign_ids: Iterable[int]) -> Select[Any]:
+    return (
+        select(campaign_links.c.campaign_id, func.count())
+        .where(campaign_links.c.campaign_id.in_(list(campaign_ids)))
+        .group_by(campaign_links.c.campaign_id)
+    )
+
+
+def delivery_facts(delivery_ids: Iterable[int]) -> Select[Any]:
+    """What recording an event needs to know about its deliveries."""
+    return select(
+        deliveries.c.id,
+        deliveries.c.campaign_id,
+        deliveries.c.contact_id,
+        deliveries.c.sending_at,
+        deliveries.c.finished_at,
+    ).where(deliveries.c.id.in_(list(delivery_ids)))
+
+
+def clicks_between(delivery_ids: Iterable[int], start: datetime, end: datetime) -> Select[Any]:
+    """The clicks on these deliveries in [start, end], for the rules that look at several."""
+    e = engagement_events
+    return select(e.c.id, e.c.delivery_id, e.c.link_position, e.c.occurred_at, e.c.machine).where(
+        e.c.delivery_id.in_(list(delivery_ids)),
+        e.c.kind == CLICK,
+        e.c.occurred_at >= start,
+        e.c.occurred_at <= end,
+    )
+
+
+def honeypot_clicks(
+    delivery_ids: Iterable[int], start: datetime, end: datetime, honeypot_position: int
+) -> Select[Any]:
+    """Which of these deliveries had their hidden honeypot link followed in [start, end]."""
+    e = engagement_events
+    return (
+        select(e.c.delivery_id)
+        .where(
+            e.c.delivery_id.in_(list(delivery_ids)),
+            e.c.kind == CLICK,
+            e.c.link_position == honeypot_position,
+            e.c.occurred_at >= start,
+            e.c.occurred_at <= end,
+        )
+        .distinct()
+    )
+
+
+def all_links_clicked(
+    delivery_ids: Iterable[int], start: datetime, end: datetime, honeypot_position: int
+) -> Select[Any]:
+    """Which of these deliveries had every one of their campaign's links (two or more)
+    clicked in [start, end]: the candidates for the burst rule."""
+    e = engagement_events
+    links = (
+        select(func.count())
+        .where(campaign_links.c.campaign_id == e.c.campaign_id)
+        .scalar_subquery()
+    )
+    distinct_positions = func.count(e.c.link_position.distinct())
+    return (
+        select(e.c.delivery_id)
+        .where(
+            e.c.delivery_id.in_(list(delivery_ids)),
+            e.c.kind == CLICK,
+            e.c.link_position != honeypot_position,
+            e.c.occurred_at >= start,
+            e.c.occurred_at <= end,
+        )
+        .group_by(e.c.delivery_id, e.c.campaign_id)
+        .having(and_(distinct_positions >= 2, distinct_positions >= links))
+    )
+
+
+def flag_machine(event_ids: Sequence[int], reason: str) -> Any:
+    """Reclassify events as machine traffic. Events are never deleted; only a human event is
+    reclassified, so the first reason found stays."""
+    return (
+        update(engagement_events)
+        .where(engagement_events.c.id.in_(list(event_ids)), engagement_events.c.machine.is_(False))
+        .values(machine=True, machine_reason=reason)
+    )
+
+
+def engagement_counts(session: Any, campaign_id: int) -> dict[str, int]:
+    """Opens and clicks, humans and machines apart (unique: distinct deliveries), and
+    unsubscribes (distinct contacts who unsubscribed through this campaign's links)."""
+    e = engagement_events
+    conn = session.connection()
+    counts = dict.fromkeys(
+        (
+            "opens",
+            "unique_opens",
+            "clicks",
+            "unique_clicks",
+            "machine_opens",
+            "machine_unique_opens",
+            "machine_clicks",
+            "machine_unique_clicks",
+        ),
+        0,
+    )
+    rows = conn.execute(
+        select(e.c.kind, e.c.machine, func.count(), func.count(e.c.delivery_id.distinct()))
+        .where(e.c.campaign_id == campaign_id)
+        .group_by(e.c.kind, e.c.machine)
+    )
+    for kind, machine, total, unique in rows:
+        prefix = "machine_" if machine else ""
+        noun = "opens" if kind == OPEN else "clicks"
+        counts[f"{prefix}{noun}"] += int(total)
+        counts[f"{prefix}unique_{noun}"] += int(unique)
+    counts["unsubscribes"] = int(
+        conn.execute(
+            select(func.count(ledger.c.contact_id.distinct())).where(
+                ledger.c.method.in_(UNSUBSCRIBE_METHODS),
+                ledger.c.evidence.startswith(f"campaign:{campaign_id}:", autoescape=True),
+            )
+        ).scalar_one()
+    )
+    return counts

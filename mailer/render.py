@@ -866,9 +866,12 @@ class CompiledCampaign:
         preferences_url: str,
         click_url: Callable[[int], str] | None,
         open_url: str | None,
+        honeypot_url: str | None = None,
     ) -> RenderedMessage:
         """One contact's message. `click_url=None` (no tracking consent) leaves links clean;
-        `open_url=None` adds no pixel. Raises TemplateError, never sends half a message."""
+        `open_url=None` adds no pixel. `honeypot_url`, used only where clicks are tracked, is
+        the footer's hidden link that only link scanners follow. Raises TemplateError, never
+        sends half a message."""
         values = {**self._static, **context}
         contact = values.get("contact")
         if contact is not None and type(contact) is not ContactView:
@@ -882,9 +885,11 @@ class CompiledCampaign:
         values["subject"] = subject
         if click_url is not None and self.track_clicks:
             values["_mailer_href"] = values["_mailer_url"] = _guarded(click_url)
+            values["honeypot_url"] = honeypot_url
         else:
             values["_mailer_href"] = self._clean_hrefs.__getitem__
             values["_mailer_url"] = self._clean_urls.__getitem__
+            values["honeypot_url"] = None
 
         body = self._html.render(values)
         if self._footer_html is not None:

@@ -8,7 +8,7 @@ import sqlmodel
 from sqlalchemy import and_, func, select
 from sqlmodel import Session
 
-from mailer import queries
+from mailer import queries, tallies
 from mailer.errors import NotFound
 from mailer.models import Campaign, DeliveryStatus, as_utc
 
@@ -51,6 +51,12 @@ def build_report(session: Session, name: str) -> dict[str, Any]:
     excluded: dict[str, int] = dict(campaign.excluded or {})
     for reason, count in conn.execute(queries.recheck_exclusions(campaign.id)):
         excluded[reason or "unknown"] = excluded.get(reason or "unknown", 0) + count
+    erased = tallies.for_campaign(conn, campaign.id)  # erased people, purged events: anonymous
+    for metric, count in erased.items():
+        group, _, key = metric.partition(":")
+        if group in ("status", "excluded"):
+            counts = by_status if group == "status" else excluded
+            counts[key] = counts.get(key, 0) + count
     d = queries.deliveries
     bounces = conn.execute(
         select(func.count()).where(
@@ -78,4 +84,7 @@ def build_report(session: Session, name: str) -> dict[str, Any]:
         "bounces": int(bounces),
     }
     report.update(engagement(session, campaign.id))
+    for metric, count in erased.items():
+        if isinstance(report.get(metric), int):
+            report[metric] += count
     return report

@@ -14,7 +14,7 @@ from sqlalchemy import select as sql_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from mailer import attestations, consent, queries, suppression
+from mailer import attestations, audit, consent, queries, suppression
 from mailer.addresses import address_hash, normalise_address
 from mailer.audience import build_audience, gate_for
 from mailer.campaigns import CampaignDefinition, load_campaign
@@ -133,7 +133,7 @@ class Mailer:
         strict: bool = False,
         rejects: Path | None = None,
     ) -> ImportSummary:
-        return import_contacts(
+        summary = import_contacts(
             self.engine,
             self.settings,
             path,
@@ -142,6 +142,8 @@ class Mailer:
             strict=strict,
             rejects_path=rejects,
         )
+        audit.imported(self.engine, self.settings.operator, summary)
+        return summary
 
     def _contact_for(self, session: Session, email: str) -> tuple[Contact, bool]:
         normalised = normalise_address(email)
@@ -194,6 +196,7 @@ class Mailer:
                 operator=self.settings.operator,
                 evidence=f"operator {self.settings.operator}",
             )
+            audit.consent_recorded(session, self.settings.operator, contact, record)
             reasons = suppression.active(session, [contact.email_hash]).get(contact.email_hash, [])
             return ConsentChange(contact, record, created, reasons)
 
@@ -202,6 +205,7 @@ class Mailer:
     ) -> suppression.SuppressResult:
         normalised = normalise_address(email)
         with _session_scope(self.engine) as session:
+            audit.suppressing(session, self.settings, normalised, reason)
             return suppression.suppress(
                 session,
                 address_hash(normalised, self.settings.suppression_key),
@@ -256,6 +260,7 @@ class Mailer:
         if not reason.strip():
             raise BadInput("--reason is required: say why the attestation is revoked")
         with _session_scope(self.engine) as session:
+            audit.attestation_revoking(session, self.settings.operator, attestation_id, reason)
             return attestations.revoke(
                 session, attestation_id, reason.strip(), self.settings.operator
             )

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from mailer.engagement import HONEYPOT_POSITION
 from mailer.message import parse_verp
 from mailer.models import CampaignLink, ConsentStatus, Delivery
 from mailer.service import Mailer
@@ -71,12 +72,18 @@ async def test_headers_links_and_tracking_as_they_arrive(
         assert "tel:+31301234567" in html and "mailto:info@shop.example.com" in html
 
         if recipient == "tracked@example.org":
+            campaign_id = deliveries[tracked_id].campaign_id
             clicks = re.findall(r'href="http://127\.0\.0\.1:8000/c/([^"]+)"', html)
-            assert len(clicks) == 2
-            for position, click in enumerate(clicks):
-                assert tokens.verify(TokenKind.CLICK, click) == (delivery_id, position)
+            assert len(clicks) == 3  # the campaign's two links, then the hidden honeypot
+            for position, click in enumerate(clicks[:2]):
+                assert tokens.verify(TokenKind.CLICK, click) == (delivery_id, campaign_id, position)
+            honeypot = (delivery_id, campaign_id, HONEYPOT_POSITION)
+            assert tokens.verify(TokenKind.CLICK, clicks[2]) == honeypot
             assert "https://shop.example.com/autumn" not in html
-            assert re.search(r'<img[^>]+src="http://127\.0\.0\.1:8000/o/[^"]+"', html)
+            pixel = re.search(r'<img[^>]+src="http://127\.0\.0\.1:8000/o/([^"]+)"', html)
+            assert pixel
+            assert tokens.verify(TokenKind.OPEN, pixel[1]) == (delivery_id, campaign_id)
+            assert clicks[2] not in text  # the honeypot is hidden in the HTML only
         else:
             assert "/c/" not in html and "/o/" not in html
             assert 'href="https://shop.example.com/autumn"' in html

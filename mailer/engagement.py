@@ -1,0 +1,515 @@
+"""Engagement: where a click may lead, and opens and clicks recorded off the request's path.
+
+    LinkCache           each campaign's link table, cached in memory (bounded): the only
+                        places a click redirect may lead to (invariant 5)
+    Hit                 one open or click, as the tracking app saw it
+    EngagementRecorder  an in-memory queue, written to engagement_events in batches by a
+                        background task at least every `flush_interval` seconds and on
+                        shutdown; a batch that cannot be written stays queued for the next try
+
+Classification (invariant 6): what one request shows is decided when it arrives
+(mailer.tracking.classify). What needs the delivery or the other clicks of a mail is decided
+here, when a batch is written, against the database, so it holds across workers:
+
+  * a click within CLICK_GRACE of the delivery's handover to SMTP (a gateway scanning the
+    mail on arrival; nobody reads and clicks that fast);
+  * every link of a mail (two or more) clicked within BURST_WINDOW;
+  * any click within HONEYPOT_WINDOW of a click on the honeypot, the hidden link in every
+    click-tracked mail that only a scanner follows.
+
+Such events are flagged, never deleted; reports count them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+import anyio.to_thread
+from sqlalchemy import Connection, DateTime, Engine
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+
+from mailer import queries
+from mailer.errors import DatabaseError
+from mailer.models import as_utc
+from mailer.tracking.classify import MachineReason
+
+logger = logging.getLogger("mailer.engagement")
+
+# The click position of the honeypot link: far above any campaign's link count (a campaign
+# with this many links is refused when it is composed), and three base-36 digits in a token.
+HONEYPOT_POSITION = 36**3 - 1
+CLICK_GRACE = timedelta(seconds=10)
+BURST_WINDOW = timedelta(seconds=1)
+HONEYPOT_WINDOW = timedelta(seconds=30)
+DEFAULT_FLUSH_INTERVAL = 1.0
+BATCH_SIZE = 4000  # a flush starts once this many are queued, or at the interval
+MAX_PENDING = 500_000  # events held while the database is unreachable; beyond this, dropped
+MAX_CACHED_CAMPAIGNS = 1024
+MAX_CACHED_DELIVERIES = 200_000
+FACTS_TTL = 300.0  # seconds a delivery's facts are trusted without asking the database
+_CHUNK = 2000  # ids per IN (...) list
+# rows per INSERT: 10 columns make 20,000 parameters (SQLite allows 32,766, PostgreSQL 65,535)
+ROWS_PER_INSERT = 2000
+USER_AGENT_LENGTH = 512
+
+
+class Hit(NamedTuple):
+    """One open or click. `campaign_id` is None for tokens made before tokens carried it;
+    the delivery then says which campaign it belongs to."""
+
+    kind: str  # queries.OPEN or queries.CLICK
+    delivery_id: int
+    campaign_id: int | None
+    position: int | None
+    at: datetime
+    ip_masked: str | None
+    user_agent: str | None
+    machine_reason: str | None
+
+
+# What the queue holds: a Hit as a plain tuple, in Hit's field order.
+_Queued = tuple[str, int, int | None, int | None, datetime, str | None, str | None, str | None]
+
+
+@dataclass
+class RecorderStats:
+    recorded: int = 0  # hits handed to record()
+    written: int = 0  # rows inserted
+    discarded: int = 0  # hits for deliveries that no longer exist (erased)
+    dropped: int = 0  # hits refused because the queue was full
+    failed_flushes: int = 0
+    reclassified: dict[str, int] = field(default_factory=dict)
+
+
+def _chunks(values: Sequence[int]) -> Iterable[Sequence[int]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start : start + _CHUNK]
+
+
+class EngagementRecorder:
+    """Records hits without making the request wait for the database.
+
+    `record()` only appends to a list (and, once `batch_size` are queued, wakes the flush
+    loop early). `start()` runs the flush loop; `stop()` ends it after a last flush.
+    `flush()` may also be awaited directly (tests, shutdown). One flush runs at a time, in a
+    worker thread, as one transaction.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_pending: int = MAX_PENDING,
+        batch_size: int = BATCH_SIZE,
+    ) -> None:
+        if not flush_interval > 0:
+            raise ValueError("flush_interval must be positive")
+        self.engine = engine
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self.batch_size = batch_size
+        self.stats = RecorderStats()
+        self._pending: list[_Queued] = []
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._due = asyncio.Event()
+        self._facts = _DeliveryFacts()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def record(self, hit: Hit) -> None:
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            self.stats.dropped += 1
+            return
+        pending.append(hit[:])  # a plain tuple, which the collector stops tracking
+        self.stats.recorded += 1
+        if len(pending) == self.batch_size:  # a full batch need not wait for the interval
+            self._due.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping.clear()
+            self._task = asyncio.create_task(self._run(), name="engagement-recorder")
+
+    async def stop(self) -> None:
+        """End the flush loop and write what is queued (with a few retries)."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stopping.set()
+            self._due.set()
+            await task
+        for attempt in range(3):
+            await self.flush()
+            if not self._pending:
+                break
+            await asyncio.sleep(0.2 * (attempt + 1))
+        if self._pending:
+            logger.error(
+                "%d engagement events could not be written before shutdown", len(self._pending)
+            )
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due.wait(), self.flush_interval)
+            self._due.clear()
+            await self.flush()
+
+    async def flush(self) -> int:
+        """Write every queued hit; returns the rows inserted. On a database error the hits
+        stay queued (ahead of newer ones) and the next flush tries again."""
+        async with self._lock:
+            batch, self._pending = self._pending, []
+            if not batch:
+                return 0
+            try:
+                written, reclassified = await anyio.to_thread.run_sync(self._write_all, batch)
+            except Exception:
+                self.stats.failed_flushes += 1
+                logger.exception("could not write %d engagement events; will retry", len(batch))
+                keep = max(self.max_pending - len(self._pending), 0)
+                self.stats.dropped += max(len(batch) - keep, 0)
+                self._pending[:0] = batch[:keep]
+                return 0
+            self.stats.written += written
+            self.stats.discarded += len(batch) - written
+            for reason, count in reclassified.items():
+                self.stats.reclassified[reason] = self.stats.reclassified.get(reason, 0) + count
+            return written
+
+    def _write_all(self, batch: Sequence[_Queued]) -> tuple[int, dict[str, int]]:
+        try:
+            return self._write(batch)
+        except (IntegrityError, DataError):
+            self._facts.clear()  # a delivery may have been erased since it was cached
+        try:
+            return self._write(batch)
+        except (IntegrityError, DataError):
+            # one row the database refuses must not hold back the others for ever
+            return self._write_each(batch)
+
+    def _write(self, batch: Sequence[_Queued]) -> tuple[int, dict[str, int]]:
+        with self.engine.begin() as conn:
+            facts = self._facts.get(conn, {hit[1] for hit in batch})
+            rows, clicks = _rows(batch, facts)
+            if rows:
+                _insert(conn, rows)
+            reclassified = _reclassify(conn, clicks) if clicks else {}
+        return len(rows), reclassified
+
+    def _write_each(self, batch: Sequence[_Queued]) -> tuple[int, dict[str, int]]:
+        written = 0
+        reclassified: dict[str, int] = defaultdict(int)
+        for hit in batch:
+            try:
+                count, flagged = self._write([hit])
+            except (IntegrityError, DataError) as exc:
+                logger.error("engagement event %r cannot be written, left out: %s", hit, exc)
+                continue
+            written += count
+            for reason, n in flagged.items():
+                reclassified[reason] += n
+        return written, dict(reclassified)
+
+
+class _Delivery(NamedTuple):
+    campaign_id: int
+    contact_id: int | None
+    handed_over_at: datetime | None  # finished_at, else sending_at: when SMTP had the mail
+
+
+class _DeliveryFacts:
+    """What recording needs to know about a delivery, cached: a delivery's campaign and
+    contact never change, and its handover time only once it is known. Entries expire, so a
+    delivery erased meanwhile is noticed. Entries are plain tuples of plain values, which the
+    garbage collector stops tracking: a large cache costs its pauses nothing."""
+
+    def __init__(self, ttl: float = FACTS_TTL, limit: int = MAX_CACHED_DELIVERIES) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        # delivery id -> (expires, campaign id, contact id, handed over at)
+        self._cache: dict[int, tuple[float, int, int | None, datetime | None]] = {}
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def get(self, conn: Connection, delivery_ids: Iterable[int]) -> dict[int, _Delivery]:
+        now = time.monotonic()
+        found: dict[int, _Delivery] = {}
+        missing: list[int] = []
+        for delivery_id in delivery_ids:
+            cached = self._cache.get(delivery_id)
+            if cached is not None and cached[0] > now:
+                found[delivery_id] = _Delivery(cached[1], cached[2], cached[3])
+            else:
+                missing.append(delivery_id)
+        if len(self._cache) + len(missing) > self.limit:
+            self._cache.clear()
+        for chunk in _chunks(sorted(missing)):
+            for row in conn.execute(queries.delivery_facts(chunk)):
+                handed_over = row.finished_at or row.sending_at
+                at = None if handed_over is None else as_utc(handed_over)
+                found[row.id] = _Delivery(row.campaign_id, row.contact_id, at)
+                if row.finished_at is not None:
+                    self._cache[row.id] = (now + self.ttl, row.campaign_id, row.contact_id, at)
+        return found
+
+
+class _Click(NamedTuple):
+    delivery_id: int
+    campaign_id: int
+    position: int
+    at: datetime
+
+
+_COLUMNS = (
+    "delivery_id",
+    "campaign_id",
+    "contact_id",
+    "kind",
+    "link_position",
+    "occurred_at",
+    "ip_masked",
+    "user_agent",
+    "machine",
+    "machine_reason",
+)
+
+
+def _rows(
+    batch: Sequence[_Queued], facts: Mapping[int, _Delivery]
+) -> tuple[list[tuple[Any, ...]], list[_Click]]:
+    """The batch as table rows (in _COLUMNS order), leaving out hits for deliveries that are
+    gone; and the clicks among them, for the rules that look at several clicks."""
+    rows: list[tuple[Any, ...]] = []
+    clicks: list[_Click] = []
+    click_kind = queries.CLICK
+    after_delivery = MachineReason.CLICK_AFTER_DELIVERY.value
+    for kind, delivery_id, campaign_id, position, at, ip_masked, user_agent, reason in batch:
+        delivery = facts.get(delivery_id)
+        if delivery is None or campaign_id not in (None, delivery.campaign_id):
+            continue
+        if kind == click_kind:
+            handed_over = delivery.handed_over_at
+            if reason is None and handed_over is not None and at - handed_over < CLICK_GRACE:
+                reason = after_delivery
+            clicks.append(_Click(delivery_id, delivery.campaign_id, position or 0, at))
+        rows.append(
+            (
+                delivery_id,
+                delivery.campaign_id,
+                delivery.contact_id,
+                kind,
+                position,
+                at,
+                ip_masked,
+                user_agent,
+                reason is not None,
+                reason,
+            )
+        )
+    return rows, clicks
+
+
+def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Multi-row INSERTs straight to the driver, ROWS_PER_INSERT rows a statement.
+
+    At thousands of rows a second, SQLAlchemy's per-row parameter processing would cost more
+    than the database does; and one statement per row (executemany) hands the GIL back and
+    forth for every row, so a busy event loop starves the flush (it grabs the GIL at each
+    hand-back and keeps it for the switch interval). One statement per chunk binds its
+    parameters in C and runs without the GIL.
+    """
+    dialect = conn.dialect
+    placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
+    one = f"({', '.join([placeholder] * len(_COLUMNS))})"
+    head = f"INSERT INTO {queries.engagement_events.name} ({', '.join(_COLUMNS)}) VALUES "
+    to_database = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
+    if to_database is not None:  # SQLite keeps times as text, in SQLAlchemy's format
+        at = _COLUMNS.index("occurred_at")
+        rows = [(*row[:at], to_database(row[at]), *row[at + 1 :]) for row in rows]
+    full = head + ", ".join([one] * ROWS_PER_INSERT)
+    for start in range(0, len(rows), ROWS_PER_INSERT):
+        chunk = rows[start : start + ROWS_PER_INSERT]
+        statement = full if len(chunk) == ROWS_PER_INSERT else head + ", ".join([one] * len(chunk))
+        conn.exec_driver_sql(statement, tuple(itertools.chain.from_iterable(chunk)))
+
+
+def _reclassify(conn: Connection, batch_clicks: Sequence[_Click]) -> dict[str, int]:
+    """Flag the clicks that only several clicks together show to be a machine's: those beside
+    a honeypot click, and bursts that click every link of a mail within BURST_WINDOW. Looks at
+    the clicks just written together with those already stored (by any worker); the database
+    narrows the deliveries down first, so a batch of ordinary clicks costs two small queries."""
+    start = min(click.at for click in batch_clicks)
+    end = max(click.at for click in batch_clicks)
+    delivery_ids = sorted({click.delivery_id for click in batch_clicks})
+    trapped: set[int] = set()  # deliveries with a honeypot click near these clicks
+    bursting: set[int] = set()  # deliveries with every link clicked near these clicks
+    for chunk in _chunks(delivery_ids):
+        query = queries.honeypot_clicks(
+            chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW, HONEYPOT_POSITION
+        )
+        trapped.update(conn.execute(query).scalars())
+        query = queries.all_links_clicked(
+            chunk, start - BURST_WINDOW, end + BURST_WINDOW, HONEYPOT_POSITION
+        )
+        bursting.update(conn.execute(query).scalars())
+    if not trapped and not bursting:
+        return {}
+
+    flagged: dict[str, set[int]] = defaultdict(set)
+    for chunk in _chunks(sorted(trapped)):
+        query = queries.clicks_between(chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW)
+        by_delivery: dict[int, list[Any]] = defaultdict(list)
+        for row in conn.execute(query):
+            by_delivery[row.delivery_id].append(row)
+        for rows in by_delivery.values():
+            traps = [as_utc(r.occurred_at) for r in rows if r.link_position == HONEYPOT_POSITION]
+            for row in rows:
+                at = as_utc(row.occurred_at)
+                if not row.machine and any(abs(at - t) <= HONEYPOT_WINDOW for t in traps):
+                    flagged[MachineReason.HONEYPOT_NEIGHBOUR.value].add(row.id)
+    if bursting:
+        needed = {
+            campaign_id: int(count)
+            for campaign_id, count in conn.execute(
+                queries.link_counts(
+                    {c.campaign_id for c in batch_clicks if c.delivery_id in bursting}
+                )
+            )
+        }
+        for chunk in _chunks(sorted(bursting)):
+            query = queries.clicks_between(chunk, start - BURST_WINDOW, end + BURST_WINDOW)
+            by_delivery = defaultdict(list)
+            campaign_of: dict[int, int] = {}
+            for row in conn.execute(query):
+                if row.link_position != HONEYPOT_POSITION:
+                    by_delivery[row.delivery_id].append(row)
+            for click in batch_clicks:
+                campaign_of[click.delivery_id] = click.campaign_id
+            for delivery_id, rows in by_delivery.items():
+                count = needed.get(campaign_of.get(delivery_id, -1), 0)
+                if count >= 2:
+                    for row in _bursts(rows, count):
+                        if not row.machine:
+                            flagged[MachineReason.ALL_LINKS_AT_ONCE.value].add(row.id)
+
+    counts: dict[str, int] = {}
+    done: set[int] = set()
+    for reason, ids in flagged.items():
+        fresh = sorted(ids - done)
+        done |= ids
+        for chunk in _chunks(fresh):
+            conn.execute(queries.flag_machine(chunk, reason))
+        if fresh:
+            counts[reason] = len(fresh)
+    return counts
+
+
+def _bursts(rows: Sequence[Any], needed: int) -> list[Any]:
+    """The rows (clicks of one delivery) that lie in some window of BURST_WINDOW holding all
+    `needed` link positions."""
+    ordered = sorted(rows, key=lambda r: as_utc(r.occurred_at))
+    times = [as_utc(r.occurred_at) for r in ordered]
+    found: dict[int, Any] = {}
+    in_window: dict[int, int] = defaultdict(int)
+    first = 0
+    for last, row in enumerate(ordered):
+        in_window[row.link_position] += 1
+        while times[last] - times[first] > BURST_WINDOW:
+            gone = ordered[first].link_position
+            in_window[gone] -= 1
+            if not in_window[gone]:
+                del in_window[gone]
+            first += 1
+        if len(in_window) >= needed:
+            for inside in ordered[first : last + 1]:
+                found[inside.id] = inside
+    return list(found.values())
+
+
+class LinkCache:
+    """Each campaign's link table, read once and kept (at most `max_campaigns`, least recently
+    used first out). A campaign's links are written with the campaign and never change, so a
+    cached table is never stale."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_campaigns: int = MAX_CACHED_CAMPAIGNS,
+        max_deliveries: int = MAX_CACHED_DELIVERIES,
+    ) -> None:
+        self.engine = engine
+        self.max_campaigns = max_campaigns
+        self.max_deliveries = max_deliveries
+        self._links: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self._campaigns: OrderedDict[int, int | None] = OrderedDict()
+        self._loading: dict[int, asyncio.Future[tuple[str, ...]]] = {}
+
+    async def url(self, campaign_id: int, position: int) -> str | None:
+        """The campaign's link at `position`, or None when it has none there."""
+        links = self._links.get(campaign_id)
+        if links is None:
+            links = await self._load(campaign_id)
+        else:
+            self._links.move_to_end(campaign_id)
+        return links[position] if 0 <= position < len(links) else None
+
+    async def _load(self, campaign_id: int) -> tuple[str, ...]:
+        future = self._loading.get(campaign_id)
+        if future is None:  # one read per campaign, however many requests wait for it
+            future = asyncio.ensure_future(anyio.to_thread.run_sync(self._read_links, campaign_id))
+            self._loading[campaign_id] = future
+            future.add_done_callback(lambda _: self._loading.pop(campaign_id, None))
+        links = await asyncio.shield(future)
+        self._links[campaign_id] = links
+        while len(self._links) > self.max_campaigns:
+            self._links.popitem(last=False)
+        return links
+
+    def _read_links(self, campaign_id: int) -> tuple[str, ...]:
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(queries.link_urls(campaign_id)).all()
+        except SQLAlchemyError as exc:
+            raise DatabaseError("the database is unavailable") from exc
+        # positions are 0..n-1; anything else would be a broken table: trust only a prefix
+        links: list[str] = []
+        for position, url in rows:
+            if position != len(links):
+                break
+            links.append(url)
+        return tuple(links)
+
+    async def campaign_of(self, delivery_id: int) -> int | None:
+        """The campaign of a delivery (for tokens made before tokens carried it)."""
+        if delivery_id in self._campaigns:
+            return self._campaigns[delivery_id]
+        campaign_id = await anyio.to_thread.run_sync(self._read_campaign, delivery_id)
+        self._campaigns[delivery_id] = campaign_id
+        while len(self._campaigns) > self.max_deliveries:
+            self._campaigns.popitem(last=False)
+        return campaign_id
+
+    def _read_campaign(self, delivery_id: int) -> int | None:
+        try:
+            with self.engine.connect() as conn:
+                row = conn.execute(queries.delivery_facts([delivery_id])).first()
+        except SQLAlchemyError as exc:
+            raise DatabaseError("the database is unavailable") from exc
+        return None if row is None else int(row.campaign_id)

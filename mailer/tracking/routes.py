@@ -1,0 +1,185 @@
+"""The tracking routes: the open pixel, the click redirect and the health check.
+
+Thin: a token is verified (mailer.tokens), a click resolved through the campaign's own link
+table (mailer.engagement.LinkCache), and the hit queued for the recorder; nothing here waits
+for the database except a link table read once per campaign. Errors are answered in one place
+(the exception handlers of mailer.tracking.app): a bad token is a plain 404.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from datetime import UTC, datetime
+from urllib.parse import quote
+
+import anyio
+import anyio.to_thread
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from mailer import queries
+from mailer.engagement import HONEYPOT_POSITION, USER_AGENT_LENGTH, Hit
+from mailer.masking import mask_ip
+from mailer.tokens import BadToken, TokenKind
+from mailer.tracking.classify import MachineReason, request_reason
+
+# A 1x1 transparent GIF (43 bytes): what a mail client shows for every open link, valid or not.
+PIXEL = base64.b64decode("R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
+NO_STORE = {"cache-control": "no-store, max-age=0"}
+HEALTH_TIMEOUT = 5.0
+
+
+@functools.lru_cache(maxsize=8192)
+def _masked(host: str) -> str | None:
+    try:
+        return mask_ip(host)
+    except ValueError:  # a unix socket, a test client's made-up name
+        return None
+
+
+def _hit(
+    scope: Scope,
+    kind: str,
+    delivery_id: int,
+    campaign_id: int | None,
+    position: int | None,
+    reason: MachineReason | None = None,
+) -> Hit:
+    agent = referrer = b""
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            agent = value
+        elif name == b"referer":
+            referrer = value
+    user_agent = agent[:USER_AGENT_LENGTH].decode("latin-1").replace("\x00", "")
+    client = scope.get("client")
+    host = client[0] if client else None
+    if reason is None:
+        reason = request_reason(
+            scope["method"],
+            user_agent,
+            host,
+            referrer.decode("latin-1") if referrer else None,
+            is_open=kind == queries.OPEN,
+        )
+    return Hit(
+        kind,
+        delivery_id,
+        campaign_id,
+        position,
+        datetime.now(UTC),
+        _masked(host) if host else None,
+        user_agent or None,
+        None if reason is None else reason.value,
+    )
+
+
+def not_found() -> Response:
+    return PlainTextResponse("Not found", status_code=404, headers=NO_STORE)
+
+
+# The two hot routes are plain ASGI apps: no Request or Response object per hit, headers built
+# once. Exceptions (a bad click token) still reach the app's exception handlers.
+_PIXEL_HEADERS = [
+    (b"content-type", b"image/gif"),
+    (b"content-length", str(len(PIXEL)).encode()),
+    *((name.encode(), value.encode()) for name, value in NO_STORE.items()),
+]
+_PIXEL_BODY = {"type": "http.response.body", "body": PIXEL}
+_EMPTY_BODY = {"type": "http.response.body", "body": b""}
+
+
+@functools.lru_cache(maxsize=4096)
+def _redirect_headers(url: str) -> list[tuple[bytes, bytes]]:
+    # quoted as Starlette's RedirectResponse does: a Location header is ASCII
+    location = quote(url, safe=":/%#?=@[]!$&'()*+,;")
+    return [
+        (b"location", location.encode("ascii")),
+        (b"content-length", b"0"),
+        *((name.encode(), value.encode()) for name, value in NO_STORE.items()),
+    ]
+
+
+class OpenPixel:
+    """The pixel for any token (a broken image helps nobody); an open only for a valid one."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        try:
+            payload = state.tokens.verify(TokenKind.OPEN, scope["path_params"]["token"])
+        except BadToken:
+            payload = ()
+        if len(payload) == 2:
+            state.recorder.record(_hit(scope, queries.OPEN, payload[0], payload[1], None))
+        elif len(payload) == 1:  # made before open tokens carried the campaign
+            state.recorder.record(_hit(scope, queries.OPEN, payload[0], None, None))
+        await send({"type": "http.response.start", "status": 200, "headers": _PIXEL_HEADERS})
+        await send(_EMPTY_BODY if scope["method"] == "HEAD" else _PIXEL_BODY)
+
+
+class Click:
+    """A redirect to the campaign's own link at the token's position, and nowhere else."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope["app"].state
+        payload = state.tokens.verify(TokenKind.CLICK, scope["path_params"]["token"])
+        if len(payload) == 3:
+            delivery_id, campaign_id, position = payload
+        elif len(payload) == 2:  # made before click tokens carried the campaign
+            delivery_id, position = payload
+            campaign_id = await state.links.campaign_of(delivery_id)
+            if campaign_id is None:
+                raise BadToken("the delivery of this click token is gone")
+        else:
+            raise BadToken("not a click token")
+        if position == HONEYPOT_POSITION:
+            # only a link scanner follows the hidden link: record it as such, lead nowhere
+            hit = _hit(
+                scope, queries.CLICK, delivery_id, campaign_id, position, MachineReason.HONEYPOT
+            )
+            state.recorder.record(hit)
+            raise BadToken("the honeypot leads nowhere")
+        url = await state.links.url(campaign_id, position)
+        if url is None:
+            raise BadToken("the campaign has no link at this position")
+        state.recorder.record(_hit(scope, queries.CLICK, delivery_id, campaign_id, position))
+        await send(
+            {"type": "http.response.start", "status": 302, "headers": _redirect_headers(url)}
+        )
+        await send(_EMPTY_BODY)
+
+
+def _database_ok(engine: Engine) -> bool:
+    try:
+        with engine.connect() as conn:
+            conn.execute(queries.health_check()).all()
+    except SQLAlchemyError:
+        return False
+    return True
+
+
+async def healthz(request: Request) -> Response:
+    """200 when the database answers (and has the tables the app writes), else 503."""
+    ok = False
+    with anyio.move_on_after(HEALTH_TIMEOUT):
+        ok = await anyio.to_thread.run_sync(
+            _database_ok, request.app.state.mailer.engine, abandon_on_cancel=True
+        )
+    if ok:
+        return JSONResponse({"status": "ok"}, headers=NO_STORE)
+    return JSONResponse({"status": "unavailable"}, status_code=503, headers=NO_STORE)
+
+
+def tracking_routes() -> list[BaseRoute]:
+    """GET (and so HEAD) /o/{token}, /c/{token} and /healthz."""
+    return [
+        # any path under /o/ gets the image, even a token a mail client cut or extended
+        Route("/o/{token:path}", OpenPixel(), methods=["GET"], name="open"),
+        Route("/c/{token}", Click(), methods=["GET"], name="click"),
+        Route("/healthz", healthz, methods=["GET"], name="healthz"),
+    ]

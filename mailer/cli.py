@@ -25,6 +25,7 @@ from mailer.config import load_settings, parse_keys, redact_url
 from mailer.errors import MailerError
 from mailer.imports import ImportSummary
 from mailer.models import ConsentStatus, as_utc
+from mailer.repermission import RepermissionResult
 from mailer.runner import RunOptions
 from mailer.service import CampaignService, Mailer, SendOutcome
 from mailer.suppression import parse_reason
@@ -598,10 +599,30 @@ def campaign_send(
             help="Send again the messages whose outcome is unknown after a crash.",
         ),
     ] = False,
+    repermission: Annotated[
+        bool,
+        typer.Option(
+            "--repermission",
+            help="Instead of the campaign, ask the contacts it excludes as policy_outdated "
+            "to confirm their consent under min_policy_version.",
+        ),
+    ] = False,
 ) -> None:
     """Send a campaign to everyone the consent gate lets through, exactly once each."""
     mailer = _mailer(ctx)
     campaigns = CampaignService(mailer)
+    if repermission:
+        asked = asyncio.run(_repermission(mailer, file, smtp or mailer.settings.smtp_url))
+        out.print(
+            f"Re-permission for {asked.campaign} (policy {asked.policy_version}): asked "
+            f"{asked.asked} contacts to confirm; {asked.held_back} were asked recently "
+            f"(their earlier link still works); {asked.not_accepted} mails were not accepted "
+            "by the SMTP server.",
+            markup=False,
+        )
+        if asked.not_accepted:
+            raise typer.Exit(1)
+        return
     if dry_run:
         result = campaigns.dry_run(file)
         table = Table(
@@ -651,6 +672,14 @@ def campaign_send(
     report = outcome.report
     if stats.paused_reason or report["failed"] or report["uncertain"] or stats.stopped:
         raise typer.Exit(1)
+
+
+async def _repermission(mailer: Mailer, file: Path, smtp_url: str) -> RepermissionResult:
+    from mailer.repermission import ask_outdated
+    from mailer.transport import SmtpPool
+
+    async with SmtpPool(smtp_url, size=2) as pool:
+        return await ask_outdated(mailer, file, pool)
 
 
 async def _send(

@@ -13,13 +13,14 @@ from mailer.models import Contact, ContactTag
 
 NAME_FIELDS = ("name", "first_name", "last_name", "locale")
 MAX_TAG_LENGTH = 64
+MAX_LOCALE_LENGTH = 35  # the column's size: longer is no language tag anyone uses
 LOCALE_PATTERN = re.compile(r"^[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
 
 
 def normalise_locale(raw: str) -> str:
     """'nl_nl' -> 'nl-NL'; raises ValueError for what is not a language tag."""
     value = raw.strip()
-    if not LOCALE_PATTERN.match(value):
+    if len(value) > MAX_LOCALE_LENGTH or not LOCALE_PATTERN.match(value):
         raise ValueError(f"not a language tag: {raw!r}")
     parts = re.split(r"[-_]", value)
     head, rest = parts[0].lower(), parts[1:]

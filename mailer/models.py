@@ -51,6 +51,7 @@ class ConsentMethod(StrEnum):
     PREFERENCE_CENTRE = "preference_centre"
     ATTESTATION_REVOKED = "attestation_revoked"
     COMPLAINT = "complaint"
+    REPERMISSION = "repermission"
 
 
 class SuppressionReason(StrEnum):

@@ -523,6 +523,37 @@ def _open_subscription(
     return ConfirmationMail(subscription.id, envelope_from, recipient, data)
 
 
+def open_subscription(
+    session: Session,
+    settings: Settings,
+    tokens: Tokens,
+    contact: Contact,
+    *,
+    purposes: Sequence[str],
+    policy_version: str | None,
+    wording: str | None,
+    source: str,
+    method: ConsentMethod,
+    requester: Requester,
+    language: Language,
+) -> ConfirmationMail | None:
+    """Start a double opt-in for a known contact inside the caller's transaction (used by
+    re-permission); the same rules and rate limit as a sign-up."""
+    return _open_subscription(
+        session,
+        settings,
+        tokens,
+        contact,
+        purposes=purposes,
+        policy_version=policy_version,
+        wording=wording,
+        source=source,
+        method=method,
+        requester=requester,
+        language=language,
+    )
+
+
 async def send_confirmation(transport: Transport, mail: ConfirmationMail) -> bool:
     """Hand the mail to the transport; False (and a log line) when it was not accepted.
 

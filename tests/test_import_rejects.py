@@ -20,7 +20,7 @@ MIXED = HEADER + (
     "not an address,Bad,nl,,,,\n"  # row 3
     "partial@example.com,Part,nl,marketing,2026-01-01T00:00:00Z,,\n"  # row 4
     "date@example.com,Date,nl,marketing,last tuesday,webform,\n"  # row 5
-    "locale@example.com,Loc,not a locale!,,,,\n"  # row 6
+    "locale@example.com,Loc,nl-aaaaaaaa-bbbbbbbb-cccccccc-dddddddd,,,,\n"  # row 6 (too long)
     '"inject@example.com","Eve\r\nBcc: all@example.com",nl,,,,\n'  # row 7
     "ip@example.com,Ip,nl,marketing,2026-01-01T00:00:00Z,webform,999.1.1.1\n"  # row 8
     "short@example.com,Short\n"  # row 9

@@ -1059,20 +1059,27 @@ def request_data_copy(
 ) -> DataCopyRequest:
     """A person asked for a copy of their data (obligation 10: answered within 30 days).
 
-    Minimal for now: the contact must exist, and the request is written as one WARNING line on
-    the `mailer.privacy` logger (contact id, channel, time, masked IP; never the address), so an
-    operator sees it in the service log. The privacy issue replaces this with a stored request
-    that `mailer privacy export` answers; keep this signature for it.
+    Stored in the privacy requests register (due in 30 days, identity not yet checked: the
+    request came through a link in a mail to the address, which the operator confirms), where
+    `mailer privacy requests` shows it and `mailer privacy export` answers it. A log line on
+    `mailer.privacy` tells the operator at once (contact id, never the address).
     """
-    with mailer.session() as session:
-        if session.get(Contact, contact_id) is None:
-            raise NotFound(f"no contact {contact_id}")
-    request = DataCopyRequest(contact_id, utcnow(), channel, requester)
+    from mailer import privacy
+
+    row = privacy.record_request_for_contact(
+        mailer,
+        contact_id,
+        "access",
+        channel=channel,
+        verified=False,
+        note=f"asked in the preference centre (ip {requester.ip_masked or 'unknown'})",
+    )
+    request = DataCopyRequest(contact_id, as_utc(row.received_at), channel, requester)
     privacy_log.warning(
-        "data copy requested: contact %s via %s at %s (ip %s); answer within 30 days",
+        "data copy requested: contact %s via %s at %s (request %s); answer within 30 days",
         contact_id,
         channel,
         request.requested_at.isoformat(),
-        requester.ip_masked or "unknown",
+        row.id,
     )
     return request

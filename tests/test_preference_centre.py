@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from mailer import privacy
 from mailer.branding import contrast
-from mailer.models import ConsentStatus, SuppressionReason
+from mailer.models import ConsentStatus, SuppressionReason, as_utc
 from mailer.service import Mailer
 from mailer.tokens import TokenKind, Tokens
 from mailer.transport import MemoryTransport
@@ -234,9 +235,14 @@ async def test_a_request_for_a_copy_of_ones_data(
     (record,) = [r for r in caplog.records if r.name == "mailer.privacy"]
     message = record.getMessage()
     assert f"contact {contact(mailer, 'anna@example.org').id}" in message
-    assert f"delivery {anna.delivery_id}" in message and "127.0.0.0" in message
     assert "anna@example.org" not in message
     assert state(mailer) == before
+    # the request is in the register, due within 30 days, waiting for the identity check
+    (entry,) = privacy.list_requests(mailer, open_only=True)
+    assert entry.email == "anna@example.org"
+    assert entry.request.kind == "access"
+    assert (as_utc(entry.request.due_at) - as_utc(entry.request.received_at)).days == 30
+    assert "127.0.0.0" in (entry.request.note or "")
 
 
 @pytest.mark.asyncio

@@ -428,7 +428,7 @@ def start_subscription(
                     session.flush()
                 else:
                     _lock_contact(session, contact.id)
-                return _open_subscription(
+                return open_subscription(
                     session,
                     mailer.settings,
                     tokens,
@@ -458,7 +458,7 @@ def _mail_held_back(session: Session, contact_id: int, now: datetime) -> bool:
     return last is not None and as_utc(last) > now - CONFIRMATION_INTERVAL
 
 
-def _open_subscription(
+def open_subscription(
     session: Session,
     settings: Settings,
     tokens: Tokens,
@@ -472,6 +472,8 @@ def _open_subscription(
     requester: Requester,
     language: Language,
 ) -> ConfirmationMail | None:
+    """Start a double opt-in for a contact inside the caller's transaction (a sign-up, a
+    preference change, or a re-permission); None when the per-address limit holds it back."""
     assert contact.id is not None
     now = utcnow()
     if _mail_held_back(session, contact.id, now):
@@ -521,37 +523,6 @@ def _open_subscription(
         now=now,
     )
     return ConfirmationMail(subscription.id, envelope_from, recipient, data)
-
-
-def open_subscription(
-    session: Session,
-    settings: Settings,
-    tokens: Tokens,
-    contact: Contact,
-    *,
-    purposes: Sequence[str],
-    policy_version: str | None,
-    wording: str | None,
-    source: str,
-    method: ConsentMethod,
-    requester: Requester,
-    language: Language,
-) -> ConfirmationMail | None:
-    """Start a double opt-in for a known contact inside the caller's transaction (used by
-    re-permission); the same rules and rate limit as a sign-up."""
-    return _open_subscription(
-        session,
-        settings,
-        tokens,
-        contact,
-        purposes=purposes,
-        policy_version=policy_version,
-        wording=wording,
-        source=source,
-        method=method,
-        requester=requester,
-        language=language,
-    )
 
 
 async def send_confirmation(transport: Transport, mail: ConfirmationMail) -> bool:
@@ -954,7 +925,7 @@ def update_preferences(
             ).created
         mail = None
         if via_opt_in:
-            mail = _open_subscription(
+            mail = open_subscription(
                 session,
                 mailer.settings,
                 tokens,

@@ -6,6 +6,9 @@ import ipaddress
 
 IPV4_PREFIX = 24
 IPV6_PREFIX = 48
+# masking the integer is several times cheaper than building an ip_network per address
+_IPV4_MASK = ((1 << IPV4_PREFIX) - 1) << (32 - IPV4_PREFIX)
+_IPV6_MASK = ((1 << IPV6_PREFIX) - 1) << (128 - IPV6_PREFIX)
 
 
 def mask_ip(raw: str) -> str:
@@ -13,6 +16,6 @@ def mask_ip(raw: str) -> str:
     address = ipaddress.ip_address(raw.strip())
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
-    prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
-    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
-    return str(network.network_address)
+    if address.version == 4:
+        return str(ipaddress.IPv4Address(int(address) & _IPV4_MASK))
+    return str(ipaddress.IPv6Address(int(address) & _IPV6_MASK))

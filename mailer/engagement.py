@@ -326,7 +326,8 @@ def _rows(
 
 
 def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """Multi-row INSERTs straight to the driver, ROWS_PER_INSERT rows a statement.
+    """COPY on PostgreSQL; elsewhere multi-row INSERTs straight to the driver,
+    ROWS_PER_INSERT rows a statement.
 
     At thousands of rows a second, SQLAlchemy's per-row parameter processing would cost more
     than the database does; and one statement per row (executemany) hands the GIL back and
@@ -335,6 +336,9 @@ def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     parameters in C and runs without the GIL.
     """
     dialect = conn.dialect
+    if dialect.name == "postgresql":
+        _copy(conn, rows)
+        return
     placeholder = "?" if dialect.paramstyle == "qmark" else "%s"
     one = f"({', '.join([placeholder] * len(_COLUMNS))})"
     head = f"INSERT INTO {queries.engagement_events.name} ({', '.join(_COLUMNS)}) VALUES "
@@ -347,6 +351,24 @@ def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         chunk = rows[start : start + ROWS_PER_INSERT]
         statement = full if len(chunk) == ROWS_PER_INSERT else head + ", ".join([one] * len(chunk))
         conn.exec_driver_sql(statement, tuple(itertools.chain.from_iterable(chunk)))
+
+
+def _copy(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
+    """PostgreSQL's COPY, in the transaction of `conn`: about a fifteenth of the client's CPU
+    of a multi-row INSERT (psycopg adapts a row in C), and less of the server's."""
+    statement = f"COPY {queries.engagement_events.name} ({', '.join(_COLUMNS)}) FROM STDIN"
+    driver = conn.dialect.loaded_dbapi
+    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        with cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+    except driver.IntegrityError as exc:  # the driver's own: translated as SQLAlchemy would
+        raise IntegrityError(statement, None, exc) from exc
+    except driver.DataError as exc:
+        raise DataError(statement, None, exc) from exc
+    finally:
+        cursor.close()
 
 
 def _reclassify(conn: Connection, batch_clicks: Sequence[_Click]) -> dict[str, int]:

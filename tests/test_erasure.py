@@ -171,7 +171,7 @@ def test_erasure_is_one_transaction(
     monkeypatch.setattr(suppression, "suppress", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         privacy.erase(mailer, EVELINE)
-    assert every_value(mailer) == snapshot
+    assert sorted(every_value(mailer)) == sorted(snapshot)  # the same rows; heap order may differ
     assert mailer.show_contact(EVELINE).contact.name == "Eveline Terpstra"
 
 

@@ -16,6 +16,7 @@ from mailer.errors import BadInput
 from mailer.models import utcnow
 from mailer.service import CampaignService, Mailer
 from tests.conftest import CliResult
+from tests.smtp_server import CaptureServer
 
 
 def test_publish_and_list(mailer: Mailer, cli: Callable[..., CliResult]) -> None:
@@ -147,3 +148,25 @@ def test_campaigns_leave_out_consent_under_older_versions(
 def test_publish_is_a_service_function_too(mailer: Mailer) -> None:
     with mailer.session() as session, pytest.raises(BadInput, match="invalid policy version"):
         policy.publish(session, "", date(2026, 1, 1), material=False, summary=None, operator="x")
+
+
+@pytest.mark.asyncio
+async def test_a_material_change_is_announced_on_every_recipient_page(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    from tests.recipient_support import app_for, client_for, deliver
+
+    arrived = await deliver(mailer, smtp_server, campaign_file, "ann@example.org")
+    with mailer.session() as session:
+        policy.publish(
+            session,
+            "2027-01",
+            date(2027, 1, 1),
+            material=True,
+            summary="We now also measure clicks on our website.",
+            operator="tester",
+        )
+    async with client_for(app_for(mailer)) as http:
+        page = await http.get(arrived["ann@example.org"].unsubscribe)
+    assert page.status_code == 200
+    assert "We now also measure clicks on our website." in page.text

@@ -671,3 +671,28 @@ async def test_a_delivery_erased_after_it_was_cached_is_noticed(
     assert await recorder.flush() == 2
     assert recorder.pending == 0 and recorder.stats.discarded == 1
     assert [e.delivery_id for e in events(mailer)] == [stays.delivery_id] * 3
+
+
+@pytest.mark.asyncio
+async def test_connections_accepted_on_the_serving_socket_have_tcp_nodelay() -> None:
+    """uvicorn issue 3149: a listener bound with proto 0 makes asyncio leave Nagle on, and
+    small kept-alive responses wait ~40 ms for a delayed ACK. mailer binds its own."""
+    from mailer.tracking.app import listening_socket
+
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            sock = transport.get_extra_info("socket")
+            accepted.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    sock = listening_socket("127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        assert await asyncio.wait_for(accepted, 5) == 1
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

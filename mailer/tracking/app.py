@@ -32,6 +32,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from mailer.engagement import DEFAULT_FLUSH_INTERVAL, EngagementRecorder, LinkCache
 from mailer.errors import ConfigError, DatabaseError, MailerError
+from mailer.policy import page_notice
 from mailer.service import Mailer
 from mailer.tokens import BadToken, Tokens
 from mailer.tracking.pages import recipient_routes
@@ -118,7 +119,7 @@ def create_app(
                 await mail.close()
 
     app = Starlette(
-        routes=[*tracking_routes(), *recipient_routes()],
+        routes=[*tracking_routes(), *recipient_routes(notice=page_notice(mailer.engine))],
         middleware=[
             Middleware(SecurityHeadersMiddleware, headers=security_headers(settings.logo_url))
         ],
@@ -154,8 +155,6 @@ def prepare_worker() -> None:
     gc.collect()
     gc.freeze()
     sys.setswitchinterval(SWITCH_INTERVAL)
-
-
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

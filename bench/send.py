@@ -24,10 +24,13 @@ to its end (the `Progress` callbacks). Every measurement runs in its own child p
 its CPU time and peak RSS (`ru_maxrss` from `wait4`) belong to that run alone.
 
 Printed: messages/s, the ratio to the smtp-source limit and to the baseline, CPU ms per
-message (the child's user+system time, startup included, divided by messages sent), peak RSS,
-and how busy the whole machine was (PostgreSQL and smtp-sink run on the same cores). No timing
-is asserted anywhere: see DESIGN.md. Only loopback PostgreSQL servers are accepted; each
-PostgreSQL run gets a fresh schema, dropped afterwards.
+message (the sender's user+system time while sending, and the whole child's from `wait4`,
+startup included), peak RSS, and the machine's CPU ms per message during the run (PostgreSQL,
+smtp-sink and anyone else's work included: on a shared machine, a high figure marks a
+disturbed run). Before each measurement the script waits up to 60 s for an idle machine.
+`--profile DIR` writes a cProfile file per sender. Contact CSVs are cached under bench/out/send/
+(git-ignored). No timing is asserted anywhere: see DESIGN.md. Only loopback PostgreSQL servers
+are accepted; each PostgreSQL run gets a fresh schema, dropped afterwards.
 """
 
 from __future__ import annotations

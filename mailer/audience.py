@@ -40,8 +40,8 @@ def build_audience(
     conn = session.connection()
     gate = gate_for(defn, settings)
     track = defn.track_opens or defn.track_clicks
-    result = conn.execute(
-        queries.insert_audience(campaign_id, gate, track, utcnow(), conn.dialect.name)
-    )
+    conn.execute(queries.insert_audience(campaign_id, gate, track, utcnow(), conn.dialect.name))
     excluded = {reason: count for reason, count in conn.execute(queries.exclusion_counts(gate))}
-    return Audience(queued=int(result.rowcount or 0), excluded=excluded)
+    # counted, not taken from rowcount: drivers report -1 for INSERT ... SELECT ON CONFLICT
+    queued = sum(count for _status, count in conn.execute(queries.delivery_counts(campaign_id)))
+    return Audience(queued=queued, excluded=excluded)

@@ -66,7 +66,8 @@ def test_pause_resume_and_cancel(
     assert cli("campaign", "send", str(path), "--dry-run").exit_code == 0
     assert cli("campaign", "pause", "autumn").exit_code == 1
 
-    CampaignService(mailer).prepare(path)  # audience built, nothing sent yet
+    prepared = CampaignService(mailer).prepare(path)  # audience built, nothing sent yet
+    assert prepared.queued_now == 3
     paused = cli("campaign", "pause", "autumn")
     assert paused.exit_code == 0
     assert "running -> paused" in paused.stdout

@@ -45,6 +45,20 @@ def sender_process(env: dict[str, str], campaign: Path, *args: str) -> subproces
     )
 
 
+def slow_campaign(
+    mailer: Mailer,
+    env: dict[str, str],
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    tmp_path: Path,
+    count: int,
+) -> tuple[list[str], Path, dict[str, str]]:
+    """`count` consenting contacts, a campaign, and a server slow enough to interrupt."""
+    emails = many_contacts(mailer, tmp_path, count)
+    smtp_server.delay(0.02, stage="end_of_data")
+    return emails, campaign_file(), {**env, "MAILER_SMTP_URL": smtp_server.url}
+
+
 def test_a_sender_killed_mid_campaign_and_restarted_sends_nobody_twice(
     mailer: Mailer,
     env: dict[str, str],
@@ -52,10 +66,9 @@ def test_a_sender_killed_mid_campaign_and_restarted_sends_nobody_twice(
     campaign_file: Callable[..., Path],
     tmp_path: Path,
 ) -> None:
-    emails = many_contacts(mailer, tmp_path, 150)
-    smtp_server.delay(0.02, stage="end_of_data")
-    campaign = campaign_file()
-    smtp_env = {**env, "MAILER_SMTP_URL": smtp_server.url}
+    emails, campaign, smtp_env = slow_campaign(
+        mailer, env, smtp_server, campaign_file, tmp_path, 150
+    )
 
     first = sender_process(smtp_env, campaign, "--concurrency", "3", "--batch-size", "40")
     smtp_server.wait_for(40, timeout=30)
@@ -146,10 +159,9 @@ def test_ctrl_c_finishes_what_is_in_flight_and_stops_cleanly(
     campaign_file: Callable[..., Path],
     tmp_path: Path,
 ) -> None:
-    emails = many_contacts(mailer, tmp_path, 120)
-    smtp_server.delay(0.02, stage="end_of_data")
-    campaign = campaign_file()
-    smtp_env = {**env, "MAILER_SMTP_URL": smtp_server.url}
+    emails, campaign, smtp_env = slow_campaign(
+        mailer, env, smtp_server, campaign_file, tmp_path, 120
+    )
 
     sender = sender_process(smtp_env, campaign, "--concurrency", "2", "--batch-size", "30")
     smtp_server.wait_for(20, timeout=30)

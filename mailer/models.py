@@ -386,3 +386,104 @@ class AuditEntry(SQLModel, table=True):
     action: str = Field(max_length=64)
     subject: str | None = Field(default=None, max_length=128, index=True)
     details: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+# -- events out and in (issue 5) ----------------------------------------------------------------
+
+
+class Event(SQLModel, table=True):
+    """One domain event, written in the transaction that made the change (the outbox).
+
+    `data` is thin (ids, and the address where a consumer needs it to act); an erased contact's
+    events are scrubbed of everything personal, keeping the ids."""
+
+    __tablename__ = "events"
+    id: int | None = Field(default=None, primary_key=True)
+    uid: str = Field(max_length=40, unique=True)
+    type: str = Field(max_length=64)
+    occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    contact_id: int | None = Field(default=None, index=True)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    __tablename__ = "webhook_endpoints"
+    id: int | None = Field(default=None, primary_key=True)
+    uid: str = Field(max_length=40, unique=True)
+    url: str
+    description: str | None = Field(default=None, max_length=255)
+    enabled: bool
+    disabled_reason: str | None = Field(default=None, max_length=255)
+    secret: str = Field(max_length=128)
+    # after rotate-secret, the old secret signs too until this time (consumers switch over)
+    previous_secret: str | None = Field(default=None, max_length=128)
+    previous_secret_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class WebhookEndpointEvent(SQLModel, table=True):
+    """An event type an endpoint receives; '*' for every type."""
+
+    __tablename__ = "webhook_endpoint_events"
+    endpoint_id: int = Field(foreign_key="webhook_endpoints.id", primary_key=True)
+    event_type: str = Field(max_length=64, primary_key=True)
+
+
+class WebhookDeliveryStatus(StrEnum):
+    PENDING = "pending"  # due at next_attempt_at (leased while a dispatcher is sending it)
+    DELIVERED = "delivered"
+    DEAD = "dead"  # dead-lettered after the retry schedule: kept, replayable
+    CANCELLED = "cancelled"  # the endpoint was disabled by a 410
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event for one endpoint; its webhook-id (the event's uid) never changes."""
+
+    __tablename__ = "webhook_deliveries"
+    id: int | None = Field(default=None, primary_key=True)
+    event_id: int = Field(foreign_key="events.id")
+    endpoint_id: int = Field(foreign_key="webhook_endpoints.id")
+    status: str = Field(max_length=16)
+    attempts: int = 0
+    next_attempt_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    lease_owner: str | None = Field(default=None, max_length=64)
+    lease_until: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=512)
+    last_attempt_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    delivered_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    dead_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    created_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class WebhookAttempt(SQLModel, table=True):
+    __tablename__ = "webhook_attempts"
+    id: int | None = Field(default=None, primary_key=True)
+    delivery_id: int = Field(foreign_key="webhook_deliveries.id")
+    attempted_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    status_code: int | None = None
+    response: str | None = Field(default=None, max_length=512)
+    error: str | None = Field(default=None, max_length=512)
+    duration_ms: int
+
+
+class BounceCount(SQLModel, table=True):
+    """Soft bounces per keyed address hash, until the configured number suppresses."""
+
+    __tablename__ = "bounce_counts"
+    address_hash: str = Field(max_length=64, primary_key=True)
+    soft_bounces: int = 0
+    last_bounce_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

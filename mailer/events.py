@@ -1,0 +1,178 @@
+"""Domain events: the transactional outbox every webhook delivery comes from.
+
+An event is written by the same transaction as the change it describes (`emit` takes that
+transaction's session or connection), and in that same statement batch it is fanned out to
+one pending delivery per enabled endpoint that wants its type. So an event exists exactly when
+its change committed, and no event can be skipped by a dispatcher reading "after the last id"
+while an older transaction is still open.
+
+Payloads follow Standard Webhooks: `{"type", "timestamp", "data"}`. `data` is thin: stable ids
+(`contact_id`, `campaign_id`, `delivery_id`, ...), plus the contact's `email` where a consumer
+needs it to act. Never an IP address or a user agent. Erasing a contact removes every personal
+key (PERSONAL_KEYS) from its events, including those still waiting to be delivered, which are
+built from the event row when they are sent.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, select, text, update
+from sqlmodel import Session
+
+from mailer.models import Event, as_utc, utcnow
+
+
+class EventType(StrEnum):
+    CONTACT_CREATED = "contact.created"
+    CONTACT_UPDATED = "contact.updated"
+    CONTACT_ERASED = "contact.erased"
+    CONSENT_GRANTED = "consent.granted"
+    CONSENT_WITHDRAWN = "consent.withdrawn"
+    CONTACT_SUBSCRIBED = "contact.subscribed"  # double opt-in asked, pending
+    CONTACT_CONFIRMED = "contact.confirmed"
+    CONTACT_UNSUBSCRIBED = "contact.unsubscribed"
+    CONTACT_SUPPRESSED = "contact.suppressed"
+    IMPORT_COMPLETED = "import.completed"
+    CAMPAIGN_STARTED = "campaign.started"
+    CAMPAIGN_FINISHED = "campaign.finished"
+    MESSAGE_SENT = "message.sent"
+    MESSAGE_FAILED = "message.failed"
+    MESSAGE_BOUNCED = "message.bounced"
+    MESSAGE_COMPLAINED = "message.complained"
+    MESSAGE_OPENED = "message.opened"
+    MESSAGE_CLICKED = "message.clicked"
+
+
+EVENT_TYPES: frozenset[str] = frozenset(t.value for t in EventType)
+ALL_TYPES = "*"
+
+# keys that name or describe a person; erasure removes them from the person's events
+PERSONAL_KEYS: frozenset[str] = frozenset(
+    {"email", "name", "first_name", "last_name", "locale", "attributes", "changes"}
+)
+
+_FAN_OUT = text(
+    """
+    INSERT INTO webhook_deliveries (event_id, endpoint_id, status, attempts, next_attempt_at,
+                                    created_at)
+    SELECT DISTINCT ev.id, ep.id, 'pending', 0, :now, :now
+      FROM events ev
+      JOIN webhook_endpoint_events sub ON sub.event_type IN (ev.type, '*')
+      JOIN webhook_endpoints ep ON ep.id = sub.endpoint_id AND ep.enabled
+     WHERE ev.uid IN :uids
+    """
+).bindparams(bindparam("uids", expanding=True))
+
+_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    type: EventType
+    data: Mapping[str, Any]
+    contact_id: int | None = None
+    occurred_at: datetime | None = None
+    uid: str = field(default_factory=lambda: new_uid())
+
+
+def new_uid() -> str:
+    """A stable, unguessable event id; it is also the webhook-id of every delivery of it."""
+    return "evt_" + secrets.token_hex(12)
+
+
+def check_types(raw: Iterable[str]) -> list[str]:
+    """Event type names as given on the command line; '*' means all. Unknown names are an
+    error (a typo would otherwise silently receive nothing)."""
+    from mailer.errors import BadInput
+
+    wanted: list[str] = []
+    for name in (part.strip() for part in raw):
+        if not name:
+            continue
+        if name != ALL_TYPES and name not in EVENT_TYPES:
+            known = ", ".join(sorted(EVENT_TYPES))
+            raise BadInput(f"unknown event type {name!r}: choose from {known} (or '*')")
+        if name not in wanted:
+            wanted.append(name)
+    return wanted or [ALL_TYPES]
+
+
+def _connection(target: Session | Connection) -> Connection:
+    return target.connection() if isinstance(target, Session) else target
+
+
+def emit(
+    target: Session | Connection,
+    type: EventType,
+    data: Mapping[str, Any],
+    *,
+    contact_id: int | None = None,
+    at: datetime | None = None,
+) -> str:
+    """Record one event in the caller's transaction; returns its uid."""
+    event = NewEvent(type, data, contact_id, at)
+    emit_many(target, [event])
+    return event.uid
+
+
+def emit_many(target: Session | Connection, events: Sequence[NewEvent]) -> int:
+    """Record events (and their pending webhook deliveries) in the caller's transaction."""
+    if not events:
+        return 0
+    conn = _connection(target)
+    now = utcnow()
+    for start in range(0, len(events), _CHUNK):
+        chunk = events[start : start + _CHUNK]
+        conn.execute(
+            insert(Event.__table__),  # type: ignore[attr-defined]
+            [
+                {
+                    "uid": event.uid,
+                    "type": event.type.value,
+                    "occurred_at": event.occurred_at or now,
+                    "contact_id": event.contact_id,
+                    "data": dict(event.data),
+                }
+                for event in chunk
+            ],
+        )
+        conn.execute(_FAN_OUT, {"now": now, "uids": [event.uid for event in chunk]})
+    return len(events)
+
+
+def timestamp_text(at: datetime) -> str:
+    return as_utc(at).isoformat().replace("+00:00", "Z")
+
+
+def body(type: str, occurred_at: datetime, data: Mapping[str, Any]) -> bytes:
+    """The exact bytes a consumer receives (and the signature covers)."""
+    document = {"type": type, "timestamp": timestamp_text(occurred_at), "data": dict(data)}
+    return json.dumps(document, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode(
+        "utf-8"
+    )
+
+
+def scrub_contact(target: Session | Connection, contact_id: int) -> int:
+    """Remove every personal key from a contact's events (erasure); returns events changed."""
+    conn = _connection(target)
+    table = Event.__table__  # type: ignore[attr-defined]
+    rows = conn.execute(
+        select(table.c.id, table.c.data).where(table.c.contact_id == contact_id)
+    ).all()
+    changed = 0
+    for row in rows:
+        data = dict(row.data or {})
+        if not PERSONAL_KEYS.intersection(data):
+            continue
+        for key in PERSONAL_KEYS:
+            data.pop(key, None)
+        conn.execute(update(table).where(table.c.id == row.id).values(data=data))
+        changed += 1
+    return changed

@@ -347,10 +347,16 @@ def retention_purge(
         str(report.unconfirmed_contacts),
     )
     table.add_row(
+        "webhook outbox events (none pending)",
+        f"{periods.events_months} months",
+        _day(cutoffs.events),
+        str(report.outbox_events),
+    )
+    table.add_row(
         "dead-lettered webhook deliveries",
         f"{periods.dead_letters_days} days",
         _day(cutoffs.dead_letters),
-        "skipped" if report.dead_letters is None else str(report.dead_letters),
+        str(report.dead_letters),
     )
     _out().print(table)
     for note in report.notes:

@@ -7,17 +7,18 @@ The current state comes from `queries.current_consent`, never from Python bookke
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlmodel import Session
 
-from mailer import queries
+from mailer import events, queries
 from mailer.errors import BadInput
-from mailer.models import ConsentRecord, ConsentStatus, IgnoredReason, as_utc, utcnow
+from mailer.events import EventType, NewEvent
+from mailer.models import ConsentRecord, ConsentStatus, Contact, IgnoredReason, as_utc, utcnow
 
 PURPOSE_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 MARKETING = "marketing"
@@ -98,8 +99,54 @@ def current_states(
     return states
 
 
+_LOOKUP_CHUNK = 5000
+
+# The ledger statuses a webhook consumer hears about; pending and ignored rows change nothing a
+# consumer can act on (a pending sign-up is `contact.subscribed`, emitted where it is opened).
+_EVENT_OF_STATUS: dict[str, EventType] = {
+    ConsentStatus.GRANTED.value: EventType.CONSENT_GRANTED,
+    ConsentStatus.CONFIRMED.value: EventType.CONSENT_GRANTED,
+    ConsentStatus.WITHDRAWN.value: EventType.CONSENT_WITHDRAWN,
+}
+
+
+def ledger_event(row: Mapping[str, Any], email: str) -> NewEvent | None:
+    """The consent.granted / consent.withdrawn event of a ledger row (a dict of its columns),
+    or None for a status no consumer hears about."""
+    status = str(row["status"])
+    kind = _EVENT_OF_STATUS.get(status)
+    if kind is None:
+        return None
+    return NewEvent(
+        kind,
+        {
+            "contact_id": row["contact_id"],
+            "email": email,
+            "purpose": row["purpose"],
+            "status": status,
+            "method": row["method"],
+            "policy_version": row.get("policy_version"),
+        },
+        contact_id=row["contact_id"],
+    )
+
+
+def _emails(session: Session, contact_ids: Iterable[int]) -> dict[int, str]:
+    ids = sorted(set(contact_ids))
+    contacts = Contact.__table__  # type: ignore[attr-defined]
+    found: dict[int, str] = {}
+    for start in range(0, len(ids), _LOOKUP_CHUNK):  # bounded IN lists (SQLite's limit)
+        chunk = ids[start : start + _LOOKUP_CHUNK]
+        rows = session.connection().execute(
+            select(contacts.c.id, contacts.c.email).where(contacts.c.id.in_(chunk))
+        )
+        found.update({row.id: row.email for row in rows})
+    return found
+
+
 def append(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Append ledger rows (dicts of ConsentRecord columns); recorded_at defaults to now."""
+    """Append ledger rows (dicts of ConsentRecord columns); recorded_at defaults to now.
+    Grants and withdrawals are emitted as events in the same transaction."""
     if not rows:
         return
     now = utcnow()
@@ -107,6 +154,10 @@ def append(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         insert(ConsentRecord.__table__),  # type: ignore[attr-defined]
         [{"recorded_at": now, **row} for row in rows],
     )
+    heard = [row for row in rows if str(row["status"]) in _EVENT_OF_STATUS]
+    emails = _emails(session, (row["contact_id"] for row in heard))
+    found = (ledger_event(row, emails.get(row["contact_id"], "")) for row in heard)
+    events.emit_many(session, [event for event in found if event is not None])
 
 
 def record(
@@ -133,6 +184,10 @@ def record(
     )
     session.add(row)
     session.flush()
+    contact = session.get(Contact, contact_id)  # usually already in the session
+    event = ledger_event(row.model_dump(), contact.email if contact else "")
+    if event is not None:
+        events.emit_many(session, [event])
     return row
 
 

@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import String
 from sqlmodel import Session
 
-from mailer import attestations, consent, suppression
+from mailer import attestations, consent, events, suppression
 from mailer.addresses import address_hash, normalise_address
 from mailer.attestations import AttestationData
 from mailer.config import Settings
@@ -35,6 +35,7 @@ from mailer.contacts import ContactData, merge_changes, normalise_locale, split_
 from mailer.csvsafe import safe_row
 from mailer.db import session_scope
 from mailer.errors import BadInput, CsvFileError, InvalidAddress
+from mailer.events import EventType, NewEvent
 from mailer.masking import mask_ip
 from mailer.models import (
     ConsentMethod,
@@ -141,6 +142,20 @@ class ImportSummary:
                 for r in self.rejects
             ],
         }
+
+
+SUMMARY_COUNTS = (
+    "rows_read",
+    "new",
+    "merged",
+    "duplicates",
+    "consent_granted",
+    "consent_unchanged",
+    "consent_ignored",
+    "suppressed",
+    "rejected",
+    "rejected_total",
+)
 
 
 class StrictAbort(Exception):
@@ -377,6 +392,8 @@ LEDGER_COLUMNS = (
 )
 
 
+
+
 @dataclass(frozen=True)
 class _InsertPlan:
     statement: Any  # COPY (psycopg.sql.Composed) or INSERT (str)
@@ -484,6 +501,16 @@ class _BulkInserter:
         return [int(value) for value in result.scalars()]
 
 
+def _changed(stored: Any, changes: dict[str, Any]) -> list[str]:
+    """The names of the fields a merge changes, attributes key by key (never their values)."""
+    names = [name for name in changes if name != "attributes"]
+    if "attributes" in changes:
+        before = dict(stored.attributes or {})
+        after = changes["attributes"]
+        names += [f"attributes.{key}" for key in after if before.get(key) != after[key]]
+    return names
+
+
 @dataclass
 class _Pending:
     data: ContactData
@@ -567,6 +594,16 @@ class _ChunkWriter:
             ids.update(self._insert_new(pending, fresh, hashes, now))
             self.summary.new += len(fresh)
 
+        # The chunk's events go out with it, in the import's transaction, in one write.
+        outbox = [
+            NewEvent(
+                EventType.CONTACT_CREATED,
+                {"contact_id": ids[email], "email": email},
+                contact_id=ids[email],
+                occurred_at=now,
+            )
+            for email in fresh
+        ]
         updates = []
         for email, match in existing.items():
             if match.seen_in_this_import is not None:
@@ -580,6 +617,18 @@ class _ChunkWriter:
                     for name in ("name", "first_name", "last_name", "locale", "attributes")
                 }
                 updates.append({"b_id": match.id, "updated_at": now, **merged})
+                outbox.append(
+                    NewEvent(
+                        EventType.CONTACT_UPDATED,
+                        {
+                            "contact_id": match.id,
+                            "email": email,
+                            "changes": _changed(match, changes),
+                        },
+                        contact_id=match.id,
+                        occurred_at=now,
+                    )
+                )
         if updates:
             conn.execute(
                 update(contacts_table)
@@ -614,7 +663,13 @@ class _ChunkWriter:
 
         active = suppression.active(self.session, hashes.values())
         self.summary.suppressed += sum(1 for email in emails if hashes[email] in active)
-        self._record_consent(pending, ids, hashes, active, existing)
+        self._record_consent(pending, ids, hashes, active, existing, outbox)
+        self._emit(outbox)
+
+    def _emit(self, outbox: list[NewEvent]) -> None:
+        """The chunk's events and their webhook deliveries, in the import's transaction
+        (emit_many COPYs them on PostgreSQL, like the ledger)."""
+        events.emit_many(self.session.connection(), outbox)
 
     def _insert_new(
         self,
@@ -678,6 +733,7 @@ class _ChunkWriter:
         hashes: dict[str, str],
         active: dict[str, list[str]],
         existing: Container[str],
+        outbox: list[NewEvent],
     ) -> None:
         with_evidence = {email: p for email, p in pending.items() if p.evidence}
         if not with_evidence:
@@ -730,6 +786,18 @@ class _ChunkWriter:
                     )
                     if verdict is None:
                         self.summary.consent_granted += 1
+                        granted = consent.ledger_event(
+                            {
+                                "contact_id": contact_id,
+                                "purpose": purpose,
+                                "status": ConsentStatus.GRANTED.value,
+                                "method": method,
+                                "policy_version": evidence.policy_version,
+                            },
+                            email,
+                        )
+                        assert granted is not None
+                        outbox.append(granted)
                         previous = contact_states.get(purpose)
                         contact_states[purpose] = consent.ConsentState(
                             purpose=purpose,
@@ -852,6 +920,7 @@ def import_contacts(
             if strict and summary.rejected_total:
                 raise StrictAbort
             batch.finished_at = utcnow()
+            events.emit(session, EventType.IMPORT_COMPLETED, _completed(summary, path))
             batch.summary = summary.as_dict()
             session.add(batch)
     except StrictAbort:
@@ -864,6 +933,19 @@ def import_contacts(
         sink.close()
         fh.close()
     return summary
+
+
+def _completed(summary: ImportSummary, path: Path) -> dict[str, Any]:
+    """import.completed: the counts, never a row (rejects name addresses)."""
+    document = summary.as_dict()
+    counts = {key: document[key] for key in SUMMARY_COUNTS}
+    return {
+        "import_id": summary.import_id,
+        "filename": path.name,
+        "vendor": summary.vendor,
+        "attestation_id": summary.attestation_id,
+        **counts,
+    }
 
 
 def _checked(path: Path, reader: Iterator[list[str]]) -> Iterator[list[str]]:

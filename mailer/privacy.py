@@ -39,6 +39,7 @@ from mailer.addresses import address_hash, normalise_address
 from mailer.contacts import get_by_email, normalise_locale, tags_of
 from mailer.csvsafe import safe_row
 from mailer.errors import BadInput, DatabaseError, NotFound
+from mailer.events import EventType, emit, scrub_contact, timestamp_text
 from mailer.models import (
     Attestation,
     AuditEntry,
@@ -829,6 +830,12 @@ def correct(mailer: Mailer, email: str, assignments: Sequence[str]) -> Correctio
                 hashed,
                 {"fields": changed, "requests_completed": completed},
             )
+            emit(
+                session,
+                EventType.CONTACT_UPDATED,
+                {"contact_id": contact.id, "email": contact.email, "changes": changed},
+                contact_id=contact.id,
+            )
         return Correction(contact.email, changed, unchanged, completed)
 
 
@@ -855,11 +862,16 @@ def erase(mailer: Mailer, email: str) -> ErasureReport:
                 raise _not_found(session, normalised, hashed)
             assert contact.id is not None
             _lock(session, contact.id)
+            contact_id = contact.id  # the instance is gone after erase_contact
             erasure_id, removed = erase_contact(
-                session, contact.id, hashed, reason="request", operator=operator
+                session, contact_id, hashed, reason="request", operator=operator
             )
             result = suppression.suppress(
-                session, hashed, SuppressionReason.ERASED, source=f"erasure by {operator}"
+                session,
+                hashed,
+                SuppressionReason.ERASED,
+                source=f"erasure by {operator}",
+                contact_id=contact_id,  # and no address: the event must not name them
             )
             audit.record(
                 session,
@@ -947,6 +959,16 @@ def erase_contact(
         .values(contact_id=None, note=None),
     )
     removed["contact"] = _deleted(conn, delete(contacts_t).where(contacts_t.c.id == contact_id))
+    # Their earlier events (and deliveries still waiting, which are built from the event row)
+    # lose everything personal; the erasure itself is an event with ids only.
+    scrub_contact(conn, contact_id)
+    emit(
+        conn,
+        EventType.CONTACT_ERASED,
+        {"contact_id": contact_id, "erased_at": timestamp_text(now), "reason": reason},
+        contact_id=contact_id,
+        at=now,
+    )
     summary = {key: count for key, count in sorted(removed.items()) if count}
     conn.execute(
         update(erasures_t)

@@ -9,8 +9,11 @@
                                 marked expired (their link stops working); a contact that nothing
                                 else holds (only pending ledger rows, no delivery, no import, no
                                 open request) is erased, not suppressed
-    dead-lettered webhooks      after `retention_dead_letters_days` (90): there are no webhook
-                                tables yet, so this is skipped and said so
+    outbox events               domain events older than `retention_events_months` (13) once
+                                none of their webhook deliveries is still pending: deleted, with
+                                their deliveries and attempts
+    dead-lettered webhooks      deliveries dead-lettered more than `retention_dead_letters_days`
+                                (90) ago: deleted with their attempts (no longer replayable)
 
 Safe to run from cron: each step works in bounded batches, one transaction each, and
 purges are serialised (an advisory lock on PostgreSQL, the write lock on SQLite); a second run
@@ -39,10 +42,14 @@ from mailer.models import (
     ContactSource,
     Delivery,
     EngagementEvent,
+    Event,
     ImportBatch,
     PrivacyRequest,
     Subscription,
     SubscriptionStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookDeliveryStatus,
     utcnow,
 )
 from mailer.privacy import erase_contact
@@ -53,10 +60,6 @@ if TYPE_CHECKING:
 DEFAULT_BATCH_SIZE = 1000
 MAX_BATCH_SIZE = 50_000
 PURGE_LOCK_KEY = 0x6D61696C6572  # "mailer": serialises purges on PostgreSQL
-DEAD_LETTERS_NOTE = (
-    "dead-lettered webhook deliveries: skipped, there are no webhook tables yet "
-    "(the period is configured for when there are)"
-)
 
 contacts = Contact.__table__  # type: ignore[attr-defined]
 ledger = ConsentRecord.__table__  # type: ignore[attr-defined]
@@ -66,6 +69,9 @@ sources = ContactSource.__table__  # type: ignore[attr-defined]
 imports = ImportBatch.__table__  # type: ignore[attr-defined]
 requests = PrivacyRequest.__table__  # type: ignore[attr-defined]
 subscriptions = Subscription.__table__  # type: ignore[attr-defined]
+outbox = Event.__table__  # type: ignore[attr-defined]
+webhook_deliveries = WebhookDelivery.__table__  # type: ignore[attr-defined]
+webhook_attempts = WebhookAttempt.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -111,25 +117,21 @@ class PurgeReport:
     contacts_without_consent: int = 0
     subscriptions_expired: int = 0
     unconfirmed_contacts: int = 0
-    dead_letters: int | None = None  # None: skipped
+    outbox_events: int = 0
+    dead_letters: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return (
-            self.engagement_events
-            + self.contacts_without_consent
-            + self.subscriptions_expired
-            + self.unconfirmed_contacts
-            + (self.dead_letters or 0)
-        )
+        return sum(self.counts().values())
 
-    def counts(self) -> dict[str, int | None]:
+    def counts(self) -> dict[str, int]:
         return {
             "engagement_events": self.engagement_events,
             "contacts_without_consent": self.contacts_without_consent,
             "subscriptions_expired": self.subscriptions_expired,
             "unconfirmed_contacts": self.unconfirmed_contacts,
+            "outbox_events": self.outbox_events,
             "dead_letters": self.dead_letters,
         }
 
@@ -163,7 +165,7 @@ def purge(
         raise BadInput(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}")
     periods = Periods.from_settings(mailer.settings)
     cutoffs = Cutoffs.at(now or utcnow(), periods)
-    report = PurgeReport(dry_run, periods, cutoffs, notes=[DEAD_LETTERS_NOTE])
+    report = PurgeReport(dry_run, periods, cutoffs)
     operator = mailer.settings.operator
     if dry_run:
         with mailer.session() as session:
@@ -172,6 +174,8 @@ def purge(
             report.contacts_without_consent = _count(conn, _unconsented(cutoffs))
             report.subscriptions_expired = _count(conn, _due_subscriptions(cutoffs))
             report.unconfirmed_contacts = _count(conn, _unconfirmed(cutoffs))
+            report.outbox_events = _count(conn, _due_outbox(cutoffs))
+            report.dead_letters = _count(conn, _due_dead_letters(cutoffs))
         return report
 
     def batches(step: Callable[[Session], int]) -> int:
@@ -192,6 +196,9 @@ def purge(
     report.unconfirmed_contacts = batches(
         lambda s: _erase_all(s, _unconfirmed(cutoffs), batch_size, operator)
     )
+    # dead letters first, so that a dry run's two counts are what a real run then removes
+    report.dead_letters = batches(lambda s: _purge_dead_letters(s, cutoffs, batch_size))
+    report.outbox_events = batches(lambda s: _purge_outbox(s, cutoffs, batch_size))
     if report.total:
         with mailer.session() as session:
             audit.record(session, operator, "retention.purge", None, report.counts())
@@ -350,3 +357,56 @@ def _erase_all(session: Session, candidates: Select[Any], limit: int, operator: 
     for row in rows:
         erase_contact(session, row.id, row.email_hash, reason="retention", operator=operator)
     return len(rows)
+
+
+# -- the webhook outbox --------------------------------------------------------------------------
+
+
+def _due_outbox(cutoffs: Cutoffs) -> Select[Any]:
+    """Events past the events period that no endpoint still waits for (a pending delivery keeps
+    its event: the consumer was promised it)."""
+    waiting = exists().where(
+        webhook_deliveries.c.event_id == outbox.c.id,
+        webhook_deliveries.c.status == WebhookDeliveryStatus.PENDING.value,
+    )
+    return (
+        select(outbox.c.id)
+        .where(outbox.c.occurred_at < cutoffs.events, ~waiting)
+        .order_by(outbox.c.id)
+    )
+
+
+def _delete_deliveries(conn: Connection, delivery_ids: Select[Any] | list[int]) -> None:
+    conn.execute(delete(webhook_attempts).where(webhook_attempts.c.delivery_id.in_(delivery_ids)))
+    conn.execute(delete(webhook_deliveries).where(webhook_deliveries.c.id.in_(delivery_ids)))
+
+
+def _purge_outbox(session: Session, cutoffs: Cutoffs, limit: int) -> int:
+    conn = session.connection()
+    ids = list(conn.execute(_due_outbox(cutoffs).limit(limit)).scalars())
+    if not ids:
+        return 0
+    _delete_deliveries(
+        conn, select(webhook_deliveries.c.id).where(webhook_deliveries.c.event_id.in_(ids))
+    )
+    conn.execute(delete(outbox).where(outbox.c.id.in_(ids)))
+    return len(ids)
+
+
+def _due_dead_letters(cutoffs: Cutoffs) -> Select[Any]:
+    return (
+        select(webhook_deliveries.c.id)
+        .where(
+            webhook_deliveries.c.status == WebhookDeliveryStatus.DEAD.value,
+            webhook_deliveries.c.dead_at < cutoffs.dead_letters,
+        )
+        .order_by(webhook_deliveries.c.id)
+    )
+
+
+def _purge_dead_letters(session: Session, cutoffs: Cutoffs, limit: int) -> int:
+    conn = session.connection()
+    ids = list(conn.execute(_due_dead_letters(cutoffs).limit(limit)).scalars())
+    if ids:
+        _delete_deliveries(conn, ids)
+    return len(ids)

@@ -14,7 +14,7 @@ from sqlalchemy import select as sql_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from mailer import attestations, audit, consent, queries, suppression
+from mailer import attestations, audit, consent, events, queries, suppression
 from mailer.addresses import address_hash, normalise_address
 from mailer.audience import build_audience, gate_for
 from mailer.campaigns import CampaignDefinition, load_campaign
@@ -25,6 +25,7 @@ from mailer.db import check_reachable, check_ready, check_suppression_key, make_
 from mailer.db import session_scope as _session_scope
 from mailer.delivery_store import Claimed, DeliveryStore, Recipient, make_owner
 from mailer.errors import BadInput, ConfigError, DatabaseError, MailerError, NotFound
+from mailer.events import EventType
 from mailer.imports import ImportSummary, import_contacts
 from mailer.models import (
     Campaign,
@@ -160,6 +161,12 @@ class Mailer:
         )
         session.add(contact)
         session.flush()
+        events.emit(
+            session,
+            EventType.CONTACT_CREATED,
+            {"contact_id": contact.id, "email": contact.email},
+            contact_id=contact.id,
+        )
         return contact, True
 
     def record_consent(
@@ -407,6 +414,19 @@ class CampaignService:
         audience = build_audience(session, campaign.id, definition, self.settings)
         campaign.excluded = audience.excluded
         session.add(campaign)
+        # created running: the one time its status becomes running (resume and
+        # --resend-uncertain continue a started campaign)
+        events.emit(
+            session,
+            EventType.CAMPAIGN_STARTED,
+            {
+                "campaign_id": campaign.id,
+                "campaign": campaign.name,
+                "queued": audience.queued,
+                "excluded": dict(sorted(audience.excluded.items())),
+            },
+            at=now,
+        )
         return PreparedCampaign(
             definition,
             campaign.id,

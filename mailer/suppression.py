@@ -12,9 +12,17 @@ from datetime import datetime
 
 from sqlmodel import Session, col, select
 
-from mailer import queries
+from mailer import events, queries
 from mailer.errors import BadInput
-from mailer.models import ConsentRecord, ConsentStatus, Suppression, SuppressionReason, utcnow
+from mailer.events import EventType
+from mailer.models import (
+    ConsentRecord,
+    ConsentStatus,
+    Contact,
+    Suppression,
+    SuppressionReason,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -38,8 +46,15 @@ def suppress(
     source: str,
     note: str | None = None,
     at: datetime | None = None,
+    *,
+    contact_id: int | None = None,
+    email: str | None = None,
 ) -> SuppressResult:
-    """Add a suppression; suppressing again for the same reason is a no-op."""
+    """Add a suppression; suppressing again for the same reason is a no-op.
+
+    A new suppression is emitted as `contact.suppressed` in the same transaction. The contact
+    is looked up by the hash when the caller does not say who it is; pass `contact_id` without
+    `email` for a contact that is being erased (the event must not name them)."""
     existing = session.exec(
         select(Suppression).where(
             Suppression.address_hash == address_hash,
@@ -58,6 +73,18 @@ def suppress(
     )
     session.add(row)
     session.flush()
+    if contact_id is None:
+        contact = session.exec(select(Contact).where(Contact.email_hash == address_hash)).first()
+        if contact is not None:
+            contact_id, email = contact.id, contact.email
+    data: dict[str, object] = {"reason": reason.value, "address_hash": address_hash}
+    if contact_id is not None:
+        data["contact_id"] = contact_id
+        if email is not None:
+            data["email"] = email
+    events.emit(
+        session, EventType.CONTACT_SUPPRESSED, data, contact_id=contact_id, at=row.created_at
+    )
     return SuppressResult(row, created=True)
 
 

@@ -22,9 +22,14 @@ from mailer.models import (
     Delivery,
     EngagementEvent,
     Erasure,
+    Event,
     ImportBatch,
     Subscription,
     SubscriptionStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEndpointEvent,
     utcnow,
 )
 from mailer.service import CampaignService, Mailer
@@ -250,7 +255,7 @@ def test_unconfirmed_signups_expire_after_30_days(mailer: Mailer) -> None:
         assert sorted(kept) == ["granted", "pending"]  # the ledger keeps its evidence
     again = retention.purge(mailer)
     assert again.total == 0
-    assert again.dead_letters is None and "no webhook tables" in again.notes[0]
+    assert (again.outbox_events, again.dead_letters) == (0, 0)
 
 
 def test_periods_come_from_settings(mailer: Mailer, cli: Callable[..., CliResult]) -> None:
@@ -274,3 +279,120 @@ def test_periods_come_from_settings(mailer: Mailer, cli: Callable[..., CliResult
     assert bad.exit_code == 2
     assert "MAILER_RETENTION_EVENTS_MONTHS must be a whole number" in bad.stderr
     assert cli("retention", "purge", "--batch-size", "0").exit_code == 2
+
+
+def _endpoint(mailer: Mailer) -> int:
+    now = utcnow()
+    with mailer.session() as session:
+        endpoint = WebhookEndpoint(
+            uid="ep_retention",
+            url="http://127.0.0.1:9/hook",
+            enabled=True,
+            secret="whsec_" + "B" * 43,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(endpoint)
+        session.flush()
+        assert endpoint.id is not None
+        session.add(WebhookEndpointEvent(endpoint_id=endpoint.id, event_type="*"))
+        return endpoint.id
+
+
+def _outbox(mailer: Mailer) -> dict[str, list[tuple[str, str]]]:
+    """email -> (event type, delivery status) of that contact's events ("-": no contact)."""
+    with mailer.session() as session:
+        emails = {c.id: c.email for c in session.exec(select(Contact))}
+        rows = session.exec(
+            select(Event, WebhookDelivery)
+            .outerjoin(WebhookDelivery, col(WebhookDelivery.event_id) == Event.id)
+            .order_by(col(Event.id))
+        ).all()
+    found: dict[str, list[tuple[str, str]]] = {}
+    for event, delivery in rows:
+        who = emails.get(event.contact_id or 0, "-")
+        found.setdefault(who, []).append((event.type, delivery.status if delivery else "none"))
+    return found
+
+
+def test_old_outbox_events_go_once_delivered_and_old_dead_letters_go(
+    mailer: Mailer, cli: Callable[..., CliResult]
+) -> None:
+    _endpoint(mailer)
+    for who in ("done", "dead", "waiting", "cancelled", "fresh"):
+        mailer.record_consent(f"{who}@example.org", "marketing", ConsentStatus.GRANTED, source="x")
+    ids = contact_ids(mailer)
+    old, dead_long_ago = ago(days=14 * 31), ago(days=100)
+    events_t = Event.__table__  # type: ignore[attr-defined]
+    deliveries_t = WebhookDelivery.__table__  # type: ignore[attr-defined]
+    with mailer.session() as session:
+        conn = session.connection()
+        conn.execute(
+            update(events_t)
+            .where(events_t.c.contact_id != ids["fresh@example.org"])
+            .values(occurred_at=old)
+        )
+        by_contact = {row.id: row.contact_id for row in conn.execute(events_t.select())}
+        deliveries = list(conn.execute(deliveries_t.select().order_by(deliveries_t.c.id)))
+        attempts: list[dict[str, Any]] = []
+        for delivery in deliveries:
+            who = {v: k for k, v in ids.items()}[by_contact[delivery.event_id]].split("@")[0]
+            changes: dict[str, Any] = {}
+            if who == "done":
+                changes = {"status": "delivered", "delivered_at": old}
+            elif who in ("dead", "fresh"):
+                changes = {"status": "dead", "dead_at": dead_long_ago}
+            elif who == "cancelled":
+                changes = {"status": "cancelled"}
+            elif who == "waiting" and len(attempts) % 2:
+                changes = {"status": "delivered", "delivered_at": old}
+            if changes:
+                conn.execute(
+                    update(deliveries_t).where(deliveries_t.c.id == delivery.id).values(**changes)
+                )
+            attempts.append(
+                {
+                    "delivery_id": delivery.id,
+                    "attempted_at": old,
+                    "status_code": 500,
+                    "duration_ms": 3,
+                }
+            )
+        conn.execute(insert(WebhookAttempt.__table__), attempts)  # type: ignore[attr-defined]
+    before = _outbox(mailer)
+    assert sorted(status for _, status in before["waiting@example.org"]) == [
+        "delivered",
+        "pending",
+    ]
+
+    dry = cli("retention", "purge", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.stderr
+    counted = json.loads(dry.stdout)
+    # done 2, dead 2, cancelled 2, and waiting's delivered one: 7; fresh's are too young
+    assert (counted["outbox_events"], counted["dead_letters"]) == (7, 4)
+    assert _outbox(mailer) == before
+
+    done = cli("retention", "purge", "--json", "--batch-size", "3")
+    assert done.exit_code == 0, done.stderr
+    assert (json.loads(done.stdout)["outbox_events"], json.loads(done.stdout)["dead_letters"]) == (
+        7,
+        4,
+    )
+    after = _outbox(mailer)
+    assert set(after) == {"waiting@example.org", "fresh@example.org"}
+    assert after["waiting@example.org"] == [
+        kind for kind in before["waiting@example.org"] if kind[1] == "pending"
+    ]
+    # fresh's events stay (too young), their dead deliveries are gone
+    assert after["fresh@example.org"] == [(kind, "none") for kind, _ in before["fresh@example.org"]]
+    with mailer.session() as session:
+        left = session.exec(select(WebhookDelivery)).all()
+        assert len(left) == 1
+        (attempt,) = session.exec(select(WebhookAttempt)).all()
+        assert attempt.delivery_id == left[0].id
+        (entry,) = session.exec(
+            select(AuditEntry).where(AuditEntry.action == "retention.purge")
+        ).all()
+        assert (entry.details["outbox_events"], entry.details["dead_letters"]) == (7, 4)
+    again = retention.purge(mailer)
+    assert (again.outbox_events, again.dead_letters, again.total) == (0, 0, 0)

@@ -122,11 +122,14 @@ def host_cpu_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
-def wait_for_quiet(limit: float = 0.15, patience: float = 60.0) -> float:
+PATIENCE = 60.0  # seconds to wait for an idle machine before a measurement (--patience)
+
+
+def wait_for_quiet(limit: float = 0.15, patience: float | None = None) -> float:
     """Wait (at most `patience` seconds) until the machine is less than `limit` busy over 2 s,
     so that others' work on a shared machine disturbs a measurement less; returns the last
     level seen."""
-    deadline = time.monotonic() + patience
+    deadline = time.monotonic() + (PATIENCE if patience is None else patience)
     while True:
         busy0, total0 = host_cpu_ticks()
         time.sleep(2)
@@ -348,7 +351,7 @@ def smtp_source(port: int, connections: int, size: int, count: int) -> dict[str,
     """Median of three smtp-source runs over persistent connections."""
     rates = []
     for _ in range(3):
-        wait_for_quiet(patience=20)
+        wait_for_quiet(patience=min(20, PATIENCE))
         started = time.perf_counter()
         subprocess.run(
             [
@@ -632,6 +635,7 @@ def _stop_on_signal(signum: int, _frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PATIENCE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--quick", action="store_true", help="a smoke run of 5,000 messages")
@@ -645,7 +649,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pg", default=os.environ.get("BENCH_PG_URL", DEFAULT_PG))
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--profile", type=Path, help="cProfile each mailer child into this folder")
+    parser.add_argument(
+        "--patience",
+        type=float,
+        default=PATIENCE,
+        help="seconds to wait for an idle machine before each measurement (default 60)",
+    )
     args = parser.parse_args(argv)
+    PATIENCE = args.patience
     if args.quick:
         args.messages = min(args.messages, 5_000)
         args.baseline_messages = min(args.baseline_messages, 1_000)

@@ -1,5 +1,8 @@
 """The runner's view of the database: claim, re-check, mark, record. Each call is one short
-transaction, so nothing is held open across SMTP traffic."""
+transaction, so nothing is held open across SMTP traffic.
+
+The events consumers see (message.sent, message.failed, campaign.finished) are written by the
+same transaction as the state change they describe: a rolled-back wave leaves none behind."""
 
 from __future__ import annotations
 
@@ -11,12 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, update
 from sqlmodel import Session
 
 from mailer import queries, suppression
 from mailer.addresses import address_hash
 from mailer.config import Settings
+from mailer.events import EventType, NewEvent, emit_many
 from mailer.models import (
     Campaign,
     CampaignStatus,
@@ -83,6 +87,13 @@ class Outcome:
     hard_bounce: bool = False
     retry_after: float | None = None  # seconds; only for a temporary failure to try again
     recipient: str | None = None
+    contact_id: int | None = None
+    permanent: bool = False  # a 5xx answer: sending again would not help
+
+
+def short_reason(text: str | None, limit: int = 200) -> str:
+    """An SMTP answer or error as one short line (replies can span lines; events never do)."""
+    return " ".join((text or "").split())[:limit]
 
 
 class DeliveryStore:
@@ -95,6 +106,16 @@ class DeliveryStore:
         self.owner = owner
         self.lease = timedelta(seconds=lease)
         self.dialect = engine.dialect.name
+        self._campaign_name: str | None = None
+
+    def _name(self, conn: Connection) -> str:
+        if self._campaign_name is None:
+            self._campaign_name = str(
+                conn.execute(
+                    select(campaigns_table.c.name).where(campaigns_table.c.id == self.campaign_id)
+                ).scalar_one()
+            )
+        return self._campaign_name
 
     def campaign_status(self) -> tuple[CampaignStatus, str | None]:
         with self.engine.connect() as conn:
@@ -115,6 +136,44 @@ class DeliveryStore:
                 .where(campaigns_table.c.id == self.campaign_id)
                 .values(**values)
             )
+
+    def finish(self) -> bool:
+        """A running campaign with nothing left becomes finished, and campaign.finished (with
+        the report's counts) is written in the same transaction. Only the sender whose update
+        made the change emits it: a second sender, or a re-run of a finished campaign, finds
+        it finished already. Returns whether this call finished it."""
+        from mailer.report import build_report  # the report's counts, so both always agree
+
+        now = utcnow()
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(campaigns_table)
+                .where(
+                    campaigns_table.c.id == self.campaign_id,
+                    campaigns_table.c.status == CampaignStatus.RUNNING.value,
+                )
+                .values(status=CampaignStatus.FINISHED.value, status_reason=None, finished_at=now)
+            ).rowcount
+            if changed != 1:
+                return False
+            with Session(bind=conn) as session:
+                report = build_report(session, self._name(conn))
+            counts = ("queued", "sent", "failed", "uncertain", "excluded")
+            emit_many(
+                conn,
+                [
+                    NewEvent(
+                        EventType.CAMPAIGN_FINISHED,
+                        {
+                            "campaign_id": self.campaign_id,
+                            "campaign": self._name(conn),
+                            **{key: report[key] for key in counts},
+                        },
+                        occurred_at=now,
+                    )
+                ],
+            )
+        return True
 
     def sweep_uncertain(self) -> int:
         """Report what dead senders left behind: their `sending` rows become uncertain and
@@ -219,87 +278,166 @@ class DeliveryStore:
     def mark_sending(self, ids: Sequence[int]) -> dict[int, int]:
         """Mark deliveries as handed to SMTP; returns delivery id -> attempt number for the
         ones that are still ours to send."""
-        now = utcnow()
-        with self.engine.begin() as conn:
-            rows = conn.execute(queries.mark_sending(ids, self.owner, now, now + self.lease))
-            return {row.id: row.attempts for row in rows}
+        return self.record_and_mark((), (), ids)
 
-    def fail_unsent(self, failures: Sequence[tuple[int, str]]) -> None:
-        now = utcnow()
-        with self.engine.begin() as conn:
-            for delivery_id, reason in failures:
-                conn.execute(queries.fail_unsent([delivery_id], self.owner, reason, now))
+    def fail_unsent(self, failures: Sequence[tuple[Claimed, str]]) -> None:
+        """Fail messages that could not even be composed (they never reach SMTP)."""
+        self.record_and_mark((), failures, ())
 
     def record(self, outcomes: Sequence[Outcome]) -> None:
         """Record SMTP outcomes; a hard bounce suppresses the address in the same transaction."""
-        if not outcomes:
-            return
+        self.record_and_mark(outcomes, (), ())
+
+    def record_and_mark(
+        self,
+        outcomes: Sequence[Outcome],
+        unsent: Sequence[tuple[Claimed, str]],
+        next_ids: Sequence[int],
+    ) -> dict[int, int]:
+        """One wave's SMTP outcomes (and their message events), the next wave's messages that
+        could not be composed, and the next wave marked `sending`: one transaction per wave.
+
+        The exactly-once protocol is unchanged: a row is `sending` (committed) strictly before
+        its SMTP transaction starts, and at any commit at most one wave is `sending`. Returns
+        delivery id -> attempt number for the next wave's rows that are still ours to send."""
+        if not (outcomes or unsent or next_ids):
+            return {}
         now = utcnow()
-        finals = [
-            {
-                "b_id": o.delivery_id,
-                "status": o.status.value,
-                "code": o.smtp_code,
-                "response": (o.smtp_response or "")[:500] or None,
-                "message_id": o.message_id,
-                "finished": now,
-            }
-            for o in outcomes
-            if o.status is not DeliveryStatus.QUEUED
-        ]
-        retries = [
-            {
-                "b_id": o.delivery_id,
-                "code": o.smtp_code,
-                "response": (o.smtp_response or "")[:500] or None,
-                "due": now + timedelta(seconds=o.retry_after or 0),
-            }
-            for o in outcomes
-            if o.status is DeliveryStatus.QUEUED
-        ]
-        d = queries.deliveries
         with self.engine.begin() as conn:
-            if finals:
-                conn.execute(
-                    update(d)
-                    .where(d.c.id == bindparam("b_id"), d.c.status == DeliveryStatus.SENDING.value)
-                    .values(
-                        status=bindparam("status"),
-                        smtp_code=bindparam("code"),
-                        smtp_response=bindparam("response"),
-                        message_id=bindparam("message_id"),
-                        finished_at=bindparam("finished"),
-                        lease_owner=None,
-                    ),
-                    finals,
+            events = self._fail_unsent(conn, unsent, now) + self._record(conn, outcomes, now)
+            emit_many(conn, events)
+            if not next_ids:
+                return {}
+            rows = conn.execute(queries.mark_sending(next_ids, self.owner, now, now + self.lease))
+            return {row.id: row.attempts for row in rows}
+
+    def _message_data(
+        self, conn: Connection, delivery_id: int, contact_id: int | None, email: str | None
+    ) -> dict[str, Any]:
+        return {
+            "delivery_id": delivery_id,
+            "campaign_id": self.campaign_id,
+            "campaign": self._name(conn),
+            "contact_id": contact_id,
+            "email": email,
+        }
+
+    def _fail_unsent(
+        self, conn: Connection, unsent: Sequence[tuple[Claimed, str]], now: datetime
+    ) -> list[NewEvent]:
+        events: list[NewEvent] = []
+        for item, reason in unsent:
+            failed = conn.execute(
+                queries.fail_unsent([item.delivery_id], self.owner, reason, now)
+            ).rowcount
+            if failed != 1:
+                continue  # no longer ours (our lease ran out): nothing happened to it here
+            data = self._message_data(
+                conn, item.delivery_id, item.recipient.id, item.recipient.email
+            )
+            data.update(smtp_code=None, reason=short_reason(reason), permanent=True)
+            events.append(
+                NewEvent(EventType.MESSAGE_FAILED, data, item.recipient.id, occurred_at=now)
+            )
+        return events
+
+    def _record(
+        self, conn: Connection, outcomes: Sequence[Outcome], now: datetime
+    ) -> list[NewEvent]:
+        finals = [o for o in outcomes if o.status is not DeliveryStatus.QUEUED]
+        retries = [o for o in outcomes if o.status is DeliveryStatus.QUEUED]
+        d = queries.deliveries
+        recorded: set[int] = set()
+        if finals:
+            result = conn.execute(
+                update(d)
+                .where(d.c.id == bindparam("b_id"), d.c.status == DeliveryStatus.SENDING.value)
+                .values(
+                    status=bindparam("status"),
+                    smtp_code=bindparam("code"),
+                    smtp_response=bindparam("response"),
+                    message_id=bindparam("message_id"),
+                    finished_at=bindparam("finished"),
+                    lease_owner=None,
+                ),
+                [
+                    {
+                        "b_id": o.delivery_id,
+                        "status": o.status.value,
+                        "code": o.smtp_code,
+                        "response": (o.smtp_response or "")[:500] or None,
+                        "message_id": o.message_id,
+                        "finished": now,
+                    }
+                    for o in finals
+                ],
+            )
+            ids = [o.delivery_id for o in finals]
+            if result.rowcount == len(finals):
+                recorded.update(ids)
+            else:
+                # a row swept to `uncertain` meanwhile (our lease ran out) was not recorded by
+                # us, so it gets no event from us either; the rows we did record carry `now`
+                recorded.update(
+                    conn.execute(
+                        select(d.c.id).where(d.c.id.in_(ids), d.c.finished_at == now)
+                    ).scalars()
                 )
-            if retries:
-                # back in the queue, claimable by anyone once the retry is due
-                conn.execute(
-                    update(d)
-                    .where(d.c.id == bindparam("b_id"), d.c.status == DeliveryStatus.SENDING.value)
-                    .values(
-                        status=DeliveryStatus.QUEUED.value,
-                        smtp_code=bindparam("code"),
-                        smtp_response=bindparam("response"),
-                        lease_owner=None,
-                        lease_until=bindparam("due"),
-                    ),
-                    retries,
-                )
-            bounced = [o for o in outcomes if o.hard_bounce and o.recipient]
-            if bounced:
-                with Session(bind=conn) as session:
-                    for o in bounced:
-                        assert o.recipient is not None
-                        suppression.suppress(
-                            session,
-                            address_hash(o.recipient, self.settings.suppression_key),
-                            SuppressionReason.HARD_BOUNCE,
-                            source=f"smtp {o.smtp_code}",
-                            note=(o.smtp_response or "")[:200],
-                        )
-                    session.flush()
+        if retries:
+            # back in the queue, claimable by anyone once the retry is due
+            conn.execute(
+                update(d)
+                .where(d.c.id == bindparam("b_id"), d.c.status == DeliveryStatus.SENDING.value)
+                .values(
+                    status=DeliveryStatus.QUEUED.value,
+                    smtp_code=bindparam("code"),
+                    smtp_response=bindparam("response"),
+                    lease_owner=None,
+                    lease_until=bindparam("due"),
+                ),
+                [
+                    {
+                        "b_id": o.delivery_id,
+                        "code": o.smtp_code,
+                        "response": (o.smtp_response or "")[:500] or None,
+                        "due": now + timedelta(seconds=o.retry_after or 0),
+                    }
+                    for o in retries
+                ],
+            )
+        bounced = [o for o in outcomes if o.hard_bounce and o.recipient]
+        if bounced:
+            with Session(bind=conn) as session:
+                for o in bounced:
+                    assert o.recipient is not None
+                    suppression.suppress(
+                        session,
+                        address_hash(o.recipient, self.settings.suppression_key),
+                        SuppressionReason.HARD_BOUNCE,
+                        source=f"smtp {o.smtp_code}",
+                        note=(o.smtp_response or "")[:200],
+                    )
+                session.flush()
+        return [
+            self._message_event(conn, o, now)
+            for o in finals
+            if o.delivery_id in recorded
+            and o.status in (DeliveryStatus.SENT, DeliveryStatus.FAILED)
+        ]
+
+    def _message_event(self, conn: Connection, outcome: Outcome, now: datetime) -> NewEvent:
+        data = self._message_data(conn, outcome.delivery_id, outcome.contact_id, outcome.recipient)
+        if outcome.status is DeliveryStatus.SENT:
+            data.update(message_id=outcome.message_id, smtp_code=outcome.smtp_code)
+            kind = EventType.MESSAGE_SENT
+        else:
+            data.update(
+                smtp_code=outcome.smtp_code,
+                reason=short_reason(outcome.smtp_response),
+                permanent=outcome.permanent,
+            )
+            kind = EventType.MESSAGE_FAILED
+        return NewEvent(kind, data, outcome.contact_id, occurred_at=now)
 
     def release(self) -> None:
         with self.engine.begin() as conn:

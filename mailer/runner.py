@@ -4,8 +4,12 @@ The runner depends on three small things only: a DeliveryStore (the database), a
 message for one delivery) and a Sender (SMTP). It can be read without reading SQL or SMTP code.
 
 Exactly once (invariant 8): a delivery is marked `sending` in the database just before its SMTP
-transaction, one wave (about the connection count) at a time. A crash therefore leaves at most one
+transaction, one wave (a few messages a connection) at a time. A crash therefore leaves at most one
 wave `sending`; the next run reports those as `uncertain` and never resends them unless asked.
+
+One transaction a wave: recording a wave's outcomes (with their message events) and marking the
+next wave `sending` commit together, and the next wave is composed while the current one is on
+the wire. Every commit still leaves at most one wave `sending`, and none before it was composed.
 """
 
 from __future__ import annotations
@@ -71,6 +75,12 @@ class NoProgress:
 
     def finish(self) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class _Wave:
+    composed: dict[int, tuple[Claimed, Composed]]  # delivery id -> what to send, in order
+    unbuildable: list[tuple[Claimed, str]]
 
 
 @dataclass(frozen=True)
@@ -161,11 +171,8 @@ class CampaignRunner:
                 if not await self._wait_for_more():
                     return
                 continue
-            for start in range(0, len(claimed), self.options.wave_size):
-                if self.stop.is_set() or self.stats.paused_reason:
-                    return
-                await self._send_wave(claimed[start : start + self.options.wave_size])
-            if self.stats.paused_reason:
+            await self._send_batch(claimed)
+            if self.stop.is_set() or self.stats.paused_reason:
                 return
 
     async def _wait_for_more(self) -> bool:
@@ -174,7 +181,7 @@ class CampaignRunner:
         queued, sending, due = self.store.remaining()
         if queued == 0:
             if sending == 0:
-                self.store.set_status(CampaignStatus.FINISHED)
+                self.store.finish()
                 self.stats.finished = True
             return False
         if due is None:
@@ -190,41 +197,73 @@ class CampaignRunner:
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         return not self.stop.is_set()
 
-    async def _send_wave(self, wave: Sequence[Claimed]) -> None:
+    def _compose(self, wave: Sequence[Claimed]) -> _Wave:
         composed: dict[int, tuple[Claimed, Composed]] = {}
-        unbuildable: list[tuple[int, str]] = []
+        unbuildable: list[tuple[Claimed, str]] = []
         for item in wave:
             try:
                 composed[item.delivery_id] = (item, self.composer.compose(item))
             except MailerError as exc:
-                unbuildable.append((item.delivery_id, f"not composed: {exc}"))
-        if unbuildable:
-            self.store.fail_unsent(unbuildable)
-            self.stats.failed += len(unbuildable)
-            self.stats.last_error = unbuildable[-1][1]
-            self._note_outcomes([False] * len(unbuildable))
-            self.progress.advance(0, len(unbuildable), 0)
+                unbuildable.append((item, f"not composed: {exc}"))
+        return _Wave(composed, unbuildable)
 
-        attempts = self.store.mark_sending(list(composed))
-        if not attempts:
+    def _count_unbuildable(self, wave: _Wave) -> None:
+        if wave.unbuildable:
+            self.stats.failed += len(wave.unbuildable)
+            self.stats.last_error = wave.unbuildable[-1][1]
+            self._note_outcomes([False] * len(wave.unbuildable))
+            self.progress.advance(0, len(wave.unbuildable), 0)
+
+    async def _send_batch(self, claimed: Sequence[Claimed]) -> None:
+        size = self.options.wave_size
+        waves = [claimed[start : start + size] for start in range(0, len(claimed), size)]
+        if not waves or self.stop.is_set():
             return
-        ordered = [composed[delivery_id] for delivery_id in composed if delivery_id in attempts]
-        results = await asyncio.gather(
-            *(self.sender.send(m.envelope_from, m.recipient, m.data) for _item, m in ordered)
-        )
-        outcomes = [
-            self._outcome(item, message, result, attempts[item.delivery_id])
-            for (item, message), result in zip(ordered, results, strict=True)
-        ]
-        self.store.record(outcomes)
+        current = self._compose(waves[0])
+        attempts = self.store.record_and_mark((), current.unbuildable, list(current.composed))
+        self._count_unbuildable(current)
+        for index in range(len(waves)):
+            ordered = [pair for key, pair in current.composed.items() if key in attempts]
+            sending = asyncio.gather(
+                *(self.sender.send(m.envelope_from, m.recipient, m.data) for _item, m in ordered)
+            )
+            following: _Wave | None = None
+            try:
+                if index + 1 < len(waves):
+                    await asyncio.sleep(0)  # the SMTP transactions start before we compose
+                    following = self._compose(waves[index + 1])
+            finally:
+                results = await sending
+            outcomes = [
+                self._outcome(item, message, result, attempts[item.delivery_id])
+                for (item, message), result in zip(ordered, results, strict=True)
+            ]
+            self._note_outcomes([o.status is not DeliveryStatus.FAILED for o in outcomes])
+            pause = self._error_rate_exceeded()
+            if following is not None and (pause or self.stop.is_set()):
+                following = None  # stop before the next wave is marked: nothing left `sending`
+            attempts = self.store.record_and_mark(
+                outcomes,
+                following.unbuildable if following else (),
+                list(following.composed) if following else (),
+            )
+            self._count_outcomes(outcomes)
+            if pause:
+                self.stats.paused_reason = pause
+                self.store.set_status(CampaignStatus.PAUSED, pause)
+                return
+            if following is None:
+                return
+            self._count_unbuildable(following)
+            current = following
+
+    def _count_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         sent = sum(1 for o in outcomes if o.status is DeliveryStatus.SENT)
         failed = sum(1 for o in outcomes if o.status is DeliveryStatus.FAILED)
         self.stats.sent += sent
         self.stats.failed += failed
         self.stats.retried += sum(1 for o in outcomes if o.status is DeliveryStatus.QUEUED)
-        self._note_outcomes([o.status is not DeliveryStatus.FAILED for o in outcomes])
         self.progress.advance(sent, failed, 0)
-        self._check_error_rate()
 
     def _outcome(
         self, item: Claimed, message: Composed, result: SendResultLike, attempt: int
@@ -251,23 +290,24 @@ class CampaignRunner:
             and result.hard_bounce,
             retry_after=retry_after,
             recipient=message.recipient,
+            contact_id=item.recipient.id,
+            permanent=result.status == "permanent",
         )
 
     def _note_outcomes(self, ok: Sequence[bool]) -> None:
         self._recent.extend(ok)
 
-    def _check_error_rate(self) -> None:
+    def _error_rate_exceeded(self) -> str | None:
+        """Why the campaign should pause itself now, or None."""
         sample = len(self._recent)
         if sample < self.options.error_min_sample:
-            return
+            return None
         errors = sample - sum(self._recent)
         rate = errors / sample
-        if rate > self.options.error_threshold:
-            reason = (
-                f"paused itself: {errors} of the last {sample} messages failed "
-                f"({rate:.0%} > {self.options.error_threshold:.0%}); last error: "
-                f"{self.stats.last_error}"
-            )
-            self.stats.paused_reason = reason
-            self.store.set_status(CampaignStatus.PAUSED, reason)
-
+        if rate <= self.options.error_threshold:
+            return None
+        return (
+            f"paused itself: {errors} of the last {sample} messages failed "
+            f"({rate:.0%} > {self.options.error_threshold:.0%}); last error: "
+            f"{self.stats.last_error}"
+        )

@@ -13,13 +13,16 @@ command (`wrk -t2 -c64 --latency`, a Lua script choosing a random token per requ
     tokens taken from the mails of a real campaign (20,000 recipients, three links), each
     verified and each recorded as an event;
   * the bare Starlette app (`bare_app` below): the same routes returning the same GIF and a
-    302 to a fixed URL, without token, recording or middleware; 1 and 2 workers;
+    302 to a fixed URL, without token, recording or middleware; 1 and 2 workers, measured
+    right before each mailer run it is compared with (on a shared machine the load moves
+    within minutes: a yardstick measured minutes apart says little);
   * nginx (Debian package) serving the same GIF and redirect from a config written into a
     temporary folder, in the foreground, on another loopback port (stopped at the end).
 
-Printed: requests/s, p99 latency, wrk's errors, the ratios to the bare app and to nginx, and
-events written against requests answered (nothing may be lost: every answered request must
-have its event in the database once the server has shut down). Nothing is asserted on time.
+Printed: requests/s, p99 latency, wrk's errors, the ratios to the bare app and to nginx, the
+load average, and events written against requests answered (nothing may be lost: every
+answered request must have its engagement event, and its message.opened or message.clicked
+in the outbox, once the server has shut down). Nothing is asserted on time.
 """
 
 from __future__ import annotations
@@ -186,6 +189,8 @@ class Run:
     server: str
     workers: int
     route: str
+    group: str = ""  # the database run a bare-app yardstick was measured beside
+    load: float = 0.0  # the machine's 1-minute load average when the run ended
     requests: int = 0
     rate: float = 0.0
     p50_ms: float = 0.0
@@ -248,11 +253,13 @@ def measure(
             max_ms=raw["max_us"] / 1000,
             errors=raw["errors"],
             non_2xx_3xx=raw["non_2xx_3xx"],
+            load=os.getloadavg()[0],
         )
         runs.append(run)
         print(
             f"  {server:<18} workers={workers} {route:<6} {run.rate:>9,.0f} req/s  "
-            f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  errors {run.errors}"
+            f"p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms  errors {run.errors}  "
+            f"load {run.load:.1f}"
             f"{f'  non-2xx/3xx {run.non_2xx_3xx}' if run.non_2xx_3xx else ''}",
             flush=True,
         )
@@ -344,18 +351,26 @@ def prepare(database_url: str, folder: Path) -> dict[str, list[str]]:
     return found
 
 
-def event_count(database_url: str, folder: Path) -> int:
+def event_count(database_url: str, folder: Path) -> tuple[int, int]:
+    """Engagement events, and the outbox events announcing opens and clicks."""
     from sqlalchemy import func, select
 
     from mailer.config import load_settings
-    from mailer.models import EngagementEvent
+    from mailer.models import EngagementEvent, Event
     from mailer.service import Mailer
 
     mailer = Mailer(load_settings(environment(database_url), cwd=folder))
     try:
         with mailer.engine.connect() as conn:
             table = EngagementEvent.__table__  # type: ignore[attr-defined]
-            return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+            written = conn.execute(select(func.count()).select_from(table)).scalar_one()
+            outbox = Event.__table__  # type: ignore[attr-defined]
+            announced = conn.execute(
+                select(func.count())
+                .select_from(outbox)
+                .where(outbox.c.type.in_(("message.opened", "message.clicked")))
+            ).scalar_one()
+            return int(written), int(announced)
     finally:
         mailer.close()
 
@@ -369,10 +384,11 @@ class EventCheck:
     workers: int
     requests: int
     events: int
+    announced: int  # outbox events (message.opened / message.clicked)
 
     @property
     def lost(self) -> int:
-        return max(self.requests - self.events, 0)
+        return max(self.requests - min(self.events, self.announced), 0)
 
 
 @dataclass
@@ -391,6 +407,8 @@ def run_mailer(
     results: Results,
 ) -> None:
     for workers in (1, 2):
+        # the yardstick right before, so that both see the same load of a shared machine
+        run_bare(paths, script, args, results, label, (workers,))
         before = event_count(database_url, folder)
         port = free_port()
         command = [sys.executable, "-m", "mailer", "serve", "--port", str(port)]
@@ -402,21 +420,30 @@ def run_mailer(
             runs, warmed = measure(label, workers, port, paths, script, args.duration, args.warmup)
         finally:
             stop(server)  # SIGTERM: each worker writes what it still holds, then exits
-        written = event_count(database_url, folder) - before
+        after = event_count(database_url, folder)
+        written, announced = after[0] - before[0], after[1] - before[1]
         answered = sum(r.requests for r in runs) + warmed
+        for run in runs:
+            run.group = label
         results.runs += runs
-        results.events.append(EventCheck(label, workers, answered, written))
+        check = EventCheck(label, workers, answered, written, announced)
+        results.events.append(check)
         print(
-            f"  {label:<18} workers={workers} events written {written:,} for {answered:,} "
-            f"answered requests (warm-ups included): lost {max(answered - written, 0)}",
+            f"  {label:<18} workers={workers} events written {written:,} (outbox {announced:,}) "
+            f"for {answered:,} answered requests (warm-ups included): lost {check.lost}",
             flush=True,
         )
 
 
 def run_bare(
-    paths: dict[str, Path], script: Path, args: argparse.Namespace, results: Results
+    paths: dict[str, Path],
+    script: Path,
+    args: argparse.Namespace,
+    results: Results,
+    group: str,
+    workers_counts: tuple[int, ...] = (1, 2),
 ) -> None:
-    for workers in (1, 2):
+    for workers in workers_counts:
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, str(Path(__file__)), "--serve-bare", str(port), str(workers)],
@@ -427,6 +454,8 @@ def run_bare(
             runs, _ = measure(
                 "bare Starlette", workers, port, paths, script, args.duration, args.warmup
             )
+            for run in runs:
+                run.group = group
             results.runs += runs
         finally:
             stop(server)
@@ -461,30 +490,36 @@ def run_nginx(
 
 
 def report(results: Results) -> list[str]:
-    def find(server: str, workers: int, route: str) -> Run | None:
+    def find(server: str, workers: int, route: str, group: str | None = None) -> Run | None:
         for run in results.runs:
-            if (run.server, run.workers, run.route) == (server, workers, route):
+            if (run.server, run.workers, run.route) == (server, workers, route) and (
+                group is None or run.group == group
+            ):
                 return run
         return None
 
     lines = [
         f"{'server':<20}{'workers':>8}{'route':>7}{'req/s':>11}{'p99 ms':>9}"
-        f"{'vs bare':>9}{'vs nginx':>10}{'errors':>8}"
+        f"{'vs bare':>9}{'vs nginx':>10}{'errors':>8}{'load':>6}"
     ]
     for run in results.runs:
-        bare = find("bare Starlette", run.workers, run.route)
+        bare = find("bare Starlette", run.workers, run.route, run.group or None)
         nginx = find("nginx", run.workers, run.route)
+        name = run.server
+        if name == "bare Starlette" and run.group:
+            name = f"bare, by {run.group.split()[-1]}"
         lines.append(
-            f"{run.server:<20}{run.workers:>8}{run.route:>7}{run.rate:>11,.0f}{run.p99_ms:>9.2f}"
+            f"{name:<20}{run.workers:>8}{run.route:>7}{run.rate:>11,.0f}{run.p99_ms:>9.2f}"
             f"{run.rate / bare.rate if bare else float('nan'):>9.2f}"
             f"{run.rate / nginx.rate if nginx else float('nan'):>10.3f}"
-            f"{run.errors + run.non_2xx_3xx:>8}"
+            f"{run.errors + run.non_2xx_3xx:>8}{run.load:>6.1f}"
         )
     lines.append("")
     for check in results.events:
         lines.append(
-            f"{check.server} x{check.workers}: {check.events:,} events written for "
-            f"{check.requests:,} requests answered (warm-ups included), lost {check.lost}"
+            f"{check.server} x{check.workers}: {check.events:,} events written "
+            f"({check.announced:,} in the outbox) for {check.requests:,} requests answered "
+            f"(warm-ups included), lost {check.lost}"
         )
     return lines
 
@@ -533,7 +568,6 @@ def main() -> None:
                     paths_file.write_text("\n".join(items) + "\n", encoding="utf-8")
                     paths[route] = paths_file
                 run_mailer(label, database_url, folder, paths, script, args, results)
-        run_bare(paths, script, args, results)
         run_nginx(paths, script, args, results)
 
     lines = report(results)

@@ -18,6 +18,11 @@ here, when a batch is written, against the database, so it holds across workers:
     click-tracked mail that only a scanner follows.
 
 Such events are flagged, never deleted; reports count them apart.
+
+Every open and click written also becomes an outbox event (`message.opened`,
+`message.clicked`; mailer.events) in the same transaction as its batch, carrying the
+classification known when the batch is written. A click that a later batch shows to be part of
+a burst is flagged in engagement_events (and so in reports) but not announced again.
 """
 
 from __future__ import annotations
@@ -34,12 +39,27 @@ from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 import anyio.to_thread
-from sqlalchemy import Connection, DateTime, Engine
+from sqlalchemy import (
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    and_,
+    any_,
+    case,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from mailer import queries
 from mailer.errors import DatabaseError
-from mailer.models import as_utc
+from mailer.events import EventType, NewEvent, emit_many
+from mailer.models import Campaign, as_utc
 from mailer.tracking.classify import MachineReason
 
 logger = logging.getLogger("mailer.engagement")
@@ -90,7 +110,13 @@ class RecorderStats:
     reclassified: dict[str, int] = field(default_factory=dict)
 
 
-def _chunks(values: Sequence[int]) -> Iterable[Sequence[int]]:
+def _chunks(values: Sequence[int], conn: Connection) -> Iterable[Sequence[int]]:
+    """The ids in lists a statement can take: all at once as one array on PostgreSQL, else
+    _CHUNK at a time."""
+    if conn.dialect.name == "postgresql":
+        if values:
+            yield _IdArray(values)
+        return
     for start in range(0, len(values), _CHUNK):
         yield values[start : start + _CHUNK]
 
@@ -125,6 +151,7 @@ class EngagementRecorder:
         self._stopping = asyncio.Event()
         self._due = asyncio.Event()
         self._facts = _DeliveryFacts()
+        self._campaigns = _CampaignFacts()
 
     @property
     def pending(self) -> int:
@@ -206,9 +233,12 @@ class EngagementRecorder:
         with self.engine.begin() as conn:
             facts = self._facts.get(conn, {hit[1] for hit in batch})
             rows, clicks = _rows(batch, facts)
-            if rows:
-                _insert(conn, rows)
-            reclassified = _reclassify(conn, clicks) if clicks else {}
+            if not rows:
+                return 0, {}
+            _insert(conn, rows)
+            campaigns = self._campaigns.get(conn, {row[1] for row in rows})
+            reclassified, flagged = _reclassify(conn, clicks, campaigns) if clicks else ({}, {})
+            emit_many(conn, _events(rows, flagged, campaigns))
         return len(rows), reclassified
 
     def _write_each(self, batch: Sequence[_Queued]) -> tuple[int, dict[str, int]]:
@@ -259,14 +289,53 @@ class _DeliveryFacts:
                 missing.append(delivery_id)
         if len(self._cache) + len(missing) > self.limit:
             self._cache.clear()
-        for chunk in _chunks(sorted(missing)):
-            for row in conn.execute(queries.delivery_facts(chunk)):
+        for chunk in _chunks(sorted(missing), conn):
+            for row in conn.execute(_delivery_facts(chunk)):
                 handed_over = row.finished_at or row.sending_at
                 at = None if handed_over is None else as_utc(handed_over)
                 found[row.id] = _Delivery(row.campaign_id, row.contact_id, at)
                 if row.finished_at is not None:
                     self._cache[row.id] = (now + self.ttl, row.campaign_id, row.contact_id, at)
         return found
+
+
+class _Campaign(NamedTuple):
+    name: str
+    links: tuple[str, ...]
+
+
+class _CampaignFacts:
+    """Each campaign's name and links, for the events: both are written with the campaign and
+    never change, so they are read once per campaign (and the cache is bounded)."""
+
+    def __init__(self, limit: int = MAX_CACHED_CAMPAIGNS) -> None:
+        self.limit = limit
+        self._cache: dict[int, _Campaign] = {}
+
+    def get(self, conn: Connection, campaign_ids: Iterable[int]) -> dict[int, _Campaign]:
+        wanted = set(campaign_ids)
+        missing = sorted(wanted.difference(self._cache))
+        if len(self._cache) + len(missing) > self.limit:
+            self._cache.clear()
+            missing = sorted(wanted)
+        if missing:
+            table = Campaign.__table__  # type: ignore[attr-defined]
+            names = conn.execute(
+                select(table.c.id, table.c.name).where(table.c.id.in_(missing))
+            ).all()
+            for campaign_id, name in names:
+                links: list[str] = []
+                for position, url in conn.execute(queries.link_urls(campaign_id)):
+                    if position != len(links):  # as LinkCache: trust only a prefix
+                        break
+                    links.append(url)
+                self._cache[campaign_id] = _Campaign(name, tuple(links))
+        cache = self._cache
+        return {campaign_id: cache[campaign_id] for campaign_id in wanted if campaign_id in cache}
+
+
+# A click as the database holds it, to find a flagged click among the rows just written.
+_ClickKey = tuple[int, int, datetime]  # delivery id, link position, occurred at (UTC)
 
 
 class _Click(NamedTuple):
@@ -325,6 +394,40 @@ def _rows(
     return rows, clicks
 
 
+def _events(
+    rows: Sequence[tuple[Any, ...]],
+    flagged: Mapping[_ClickKey, str],
+    campaigns: Mapping[int, _Campaign],
+) -> list[NewEvent]:
+    """The outbox events of the rows just written (in _COLUMNS order): thin ids, the link of
+    a click, and the classification, never the address or the user agent."""
+    events: list[NewEvent] = []
+    click_kind = queries.CLICK
+    for delivery_id, campaign_id, contact_id, kind, position, at, _, _, machine, reason in rows:
+        data: dict[str, Any] = {
+            "delivery_id": delivery_id,
+            "campaign_id": campaign_id,
+            "contact_id": contact_id,
+        }
+        campaign = campaigns.get(campaign_id)
+        if campaign is not None:
+            data["campaign"] = campaign.name
+        if kind == click_kind:
+            if not machine:
+                reason = flagged.get((delivery_id, position, as_utc(at)))
+                machine = reason is not None
+            data["link_position"] = position
+            if campaign is not None and 0 <= position < len(campaign.links):
+                data["url"] = campaign.links[position]
+            event_type = EventType.MESSAGE_CLICKED
+        else:
+            event_type = EventType.MESSAGE_OPENED
+        data["machine"] = machine
+        data["machine_reason"] = reason
+        events.append(NewEvent(event_type, data, contact_id, at))
+    return events
+
+
 def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """COPY on PostgreSQL; elsewhere multi-row INSERTs straight to the driver,
     ROWS_PER_INSERT rows a statement.
@@ -371,31 +474,33 @@ def _copy(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
         cursor.close()
 
 
-def _reclassify(conn: Connection, batch_clicks: Sequence[_Click]) -> dict[str, int]:
+def _reclassify(
+    conn: Connection, batch_clicks: Sequence[_Click], campaigns: Mapping[int, _Campaign]
+) -> tuple[dict[str, int], dict[_ClickKey, str]]:
     """Flag the clicks that only several clicks together show to be a machine's: those beside
     a honeypot click, and bursts that click every link of a mail within BURST_WINDOW. Looks at
-    the clicks just written together with those already stored (by any worker); the database
-    narrows the deliveries down first, so a batch of ordinary clicks costs two small queries."""
+    the clicks just written together with those already stored (by any worker); one grouped
+    query narrows the deliveries down first, so a batch of ordinary clicks costs one query.
+    Returns the count flagged per reason, and the reason of each click flagged (by _ClickKey)."""
     start = min(click.at for click in batch_clicks)
     end = max(click.at for click in batch_clicks)
-    delivery_ids = sorted({click.delivery_id for click in batch_clicks})
-    trapped: set[int] = set()  # deliveries with a honeypot click near these clicks
-    bursting: set[int] = set()  # deliveries with every link clicked near these clicks
-    for chunk in _chunks(delivery_ids):
-        query = queries.honeypot_clicks(
-            chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW, HONEYPOT_POSITION
-        )
-        trapped.update(conn.execute(query).scalars())
-        query = queries.all_links_clicked(
-            chunk, start - BURST_WINDOW, end + BURST_WINDOW, HONEYPOT_POSITION
-        )
-        bursting.update(conn.execute(query).scalars())
+    campaign_of = {click.delivery_id: click.campaign_id for click in batch_clicks}
+    trapped: list[int] = []  # deliveries with a honeypot click near these clicks
+    bursting: list[int] = []  # deliveries with every link clicked near these clicks
+    for chunk in _chunks(sorted(campaign_of), conn):
+        for delivery_id, near_trap, positions in conn.execute(_candidates(chunk, start, end)):
+            if near_trap:
+                trapped.append(delivery_id)
+            campaign = campaigns.get(campaign_of[delivery_id])
+            if campaign is not None and positions >= max(2, len(campaign.links)):
+                bursting.append(delivery_id)
     if not trapped and not bursting:
-        return {}
+        return {}, {}
 
     flagged: dict[str, set[int]] = defaultdict(set)
-    for chunk in _chunks(sorted(trapped)):
-        query = queries.clicks_between(chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW)
+    keys: dict[int, _ClickKey] = {}
+    for chunk in _chunks(trapped, conn):
+        query = _clicks_between(chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW)
         by_delivery: dict[int, list[Any]] = defaultdict(list)
         for row in conn.execute(query):
             by_delivery[row.delivery_id].append(row)
@@ -405,41 +510,108 @@ def _reclassify(conn: Connection, batch_clicks: Sequence[_Click]) -> dict[str, i
                 at = as_utc(row.occurred_at)
                 if not row.machine and any(abs(at - t) <= HONEYPOT_WINDOW for t in traps):
                     flagged[MachineReason.HONEYPOT_NEIGHBOUR.value].add(row.id)
-    if bursting:
-        needed = {
-            campaign_id: int(count)
-            for campaign_id, count in conn.execute(
-                queries.link_counts(
-                    {c.campaign_id for c in batch_clicks if c.delivery_id in bursting}
-                )
-            )
-        }
-        for chunk in _chunks(sorted(bursting)):
-            query = queries.clicks_between(chunk, start - BURST_WINDOW, end + BURST_WINDOW)
-            by_delivery = defaultdict(list)
-            campaign_of: dict[int, int] = {}
-            for row in conn.execute(query):
-                if row.link_position != HONEYPOT_POSITION:
-                    by_delivery[row.delivery_id].append(row)
-            for click in batch_clicks:
-                campaign_of[click.delivery_id] = click.campaign_id
-            for delivery_id, rows in by_delivery.items():
-                count = needed.get(campaign_of.get(delivery_id, -1), 0)
-                if count >= 2:
-                    for row in _bursts(rows, count):
-                        if not row.machine:
-                            flagged[MachineReason.ALL_LINKS_AT_ONCE.value].add(row.id)
+                    keys[row.id] = (row.delivery_id, row.link_position, at)
+    for chunk in _chunks(bursting, conn):
+        query = _clicks_between(chunk, start - BURST_WINDOW, end + BURST_WINDOW)
+        by_delivery = defaultdict(list)
+        for row in conn.execute(query):
+            if row.link_position != HONEYPOT_POSITION:
+                by_delivery[row.delivery_id].append(row)
+        for delivery_id, rows in by_delivery.items():
+            needed = len(campaigns[campaign_of[delivery_id]].links)
+            for row in _bursts(rows, needed):
+                if not row.machine:
+                    flagged[MachineReason.ALL_LINKS_AT_ONCE.value].add(row.id)
+                    at = as_utc(row.occurred_at)
+                    keys[row.id] = (row.delivery_id, row.link_position, at)
 
     counts: dict[str, int] = {}
+    reasons: dict[_ClickKey, str] = {}
     done: set[int] = set()
     for reason, ids in flagged.items():
         fresh = sorted(ids - done)
         done |= ids
-        for chunk in _chunks(fresh):
-            conn.execute(queries.flag_machine(chunk, reason))
+        for chunk in _chunks(fresh, conn):
+            conn.execute(_flag_machine(chunk, reason))
         if fresh:
             counts[reason] = len(fresh)
-    return counts
+        for event_id in fresh:
+            reasons[keys[event_id]] = reason
+    return counts, reasons
+
+
+# -- the queries of recording ---------------------------------------------------------------------
+# As mailer.queries', with one difference: a list of ids is one parameter on PostgreSQL
+# (`= ANY(array)`), not an IN list of up to _CHUNK parameters. psycopg parses a statement of more
+# than 50 parameters anew at every execution (it caches only smaller ones), which cost a
+# flush more of the worker's CPU than the database's answers did.
+
+
+def _id_in(column: Any, ids: Sequence[int]) -> Any:
+    if isinstance(ids, _IdArray):
+        return column == any_(literal(list(ids), postgresql.ARRAY(Integer)))
+    return column.in_(list(ids))
+
+
+class _IdArray(list[int]):
+    """Ids to be sent as one array parameter (PostgreSQL)."""
+
+
+def _delivery_facts(ids: Sequence[int]) -> Any:
+    d = queries.deliveries
+    return select(d.c.id, d.c.campaign_id, d.c.contact_id, d.c.sending_at, d.c.finished_at).where(
+        _id_in(d.c.id, ids)
+    )
+
+
+def _candidates(ids: Sequence[int], start: datetime, end: datetime) -> Any:
+    """Per delivery clicked in [start, end]: whether its honeypot was followed within
+    HONEYPOT_WINDOW, and how many of its links were clicked within BURST_WINDOW; only the
+    deliveries with a honeypot click or two links or more."""
+    e = queries.engagement_events
+    near_trap = and_(
+        e.c.link_position == HONEYPOT_POSITION,
+        e.c.occurred_at >= start - HONEYPOT_WINDOW,
+        e.c.occurred_at <= end + HONEYPOT_WINDOW,
+    )
+    in_burst = and_(
+        e.c.link_position != HONEYPOT_POSITION,
+        e.c.occurred_at >= start - BURST_WINDOW,
+        e.c.occurred_at <= end + BURST_WINDOW,
+    )
+    trapped = func.max(case((near_trap, 1), else_=0))
+    positions = func.count(case((in_burst, e.c.link_position)).distinct())
+    return (
+        select(e.c.delivery_id, trapped, positions)
+        .where(
+            _id_in(e.c.delivery_id, ids),
+            e.c.kind == queries.CLICK,
+            e.c.occurred_at >= start - HONEYPOT_WINDOW,
+            e.c.occurred_at <= end + HONEYPOT_WINDOW,
+        )
+        .group_by(e.c.delivery_id)
+        .having(or_(trapped == 1, positions >= 2))
+    )
+
+
+def _clicks_between(ids: Sequence[int], start: datetime, end: datetime) -> Any:
+    e = queries.engagement_events
+    return select(e.c.id, e.c.delivery_id, e.c.link_position, e.c.occurred_at, e.c.machine).where(
+        _id_in(e.c.delivery_id, ids),
+        e.c.kind == queries.CLICK,
+        e.c.occurred_at >= start,
+        e.c.occurred_at <= end,
+    )
+
+
+def _flag_machine(ids: Sequence[int], reason: str) -> Any:
+    """Only a human event is reclassified, so the first reason found stays."""
+    e = queries.engagement_events
+    return (
+        update(e)
+        .where(_id_in(e.c.id, ids), e.c.machine.is_(False))
+        .values(machine=True, machine_reason=reason)
+    )
 
 
 def _bursts(rows: Sequence[Any], needed: int) -> list[Any]:

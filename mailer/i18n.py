@@ -215,15 +215,116 @@ MESSAGES: dict[str, dict[Language, str]] = {
         "en": "Send me a copy of my data",
         "nl": "Stuur mij een kopie van mijn gegevens",
     },
-    "preferences.data_copy_done": {
-        "en": "We have received your request for a copy of your data. We will answer within "
-        "30 days, and may first ask you to confirm your identity.",
-        "nl": "Wij hebben uw verzoek om een kopie van uw gegevens ontvangen. Wij reageren "
-        "binnen 30 dagen en vragen u mogelijk eerst uw identiteit te bevestigen.",
-    },
     "preferences.bad_name": {
         "en": "The name is too long or contains characters that are not allowed.",
         "nl": "De naam is te lang of bevat tekens die niet zijn toegestaan.",
+    },
+    # a copy of one's data (mailer.data_copy)
+    "preferences.data_copy_sent": {
+        "en": "We have received your request for a copy of your data. To make sure the copy "
+        "goes to you, we have sent an e-mail with a confirmation link to {address}: open it and "
+        "press the button. We answer within 30 days.",
+        "nl": "Wij hebben uw verzoek om een kopie van uw gegevens ontvangen. Om zeker te weten "
+        "dat de kopie bij u terechtkomt, hebben wij een e-mail met een bevestigingslink "
+        "gestuurd naar {address}: open die en druk op de knop. Wij reageren binnen 30 dagen.",
+    },
+    "preferences.data_copy_recent": {
+        "en": "We recently sent an e-mail with a confirmation link to {address}. Please use the "
+        "link in it to get your copy; it is valid for 7 days.",
+        "nl": "Wij hebben onlangs een e-mail met een bevestigingslink gestuurd naar {address}. "
+        "Gebruik de link daarin om uw kopie te krijgen; die is 7 dagen geldig.",
+    },
+    "preferences.data_copy_not_sent": {
+        "en": "We have received your request for a copy of your data, but could not send the "
+        "confirmation e-mail just now. Please try again in a few minutes. We answer within "
+        "30 days.",
+        "nl": "Wij hebben uw verzoek om een kopie van uw gegevens ontvangen, maar konden de "
+        "bevestigingsmail nu niet versturen. Probeer het over een paar minuten opnieuw. Wij "
+        "reageren binnen 30 dagen.",
+    },
+    "data_copy.confirm.title": {
+        "en": "Get a copy of your data",
+        "nl": "Een kopie van uw gegevens",
+    },
+    "data_copy.confirm.intro": {
+        "en": "You asked {sender} for a copy of the personal data we hold about {address}. "
+        "Press the button to confirm that this is you; you can then download the copy.",
+        "nl": "U heeft {sender} gevraagd om een kopie van de persoonsgegevens die wij van "
+        "{address} hebben. Druk op de knop om te bevestigen dat u dit bent; daarna kunt u de "
+        "kopie downloaden.",
+    },
+    "data_copy.confirm.button": {
+        "en": "Confirm and get my copy",
+        "nl": "Bevestigen en kopie ophalen",
+    },
+    "data_copy.confirm.ignore": {
+        "en": "Did you not ask for this? Then ignore this page: without your confirmation "
+        "nobody gets the copy.",
+        "nl": "Heeft u hier niet om gevraagd? Negeer deze pagina dan: zonder uw bevestiging "
+        "krijgt niemand de kopie.",
+    },
+    "data_copy.ready.title": {"en": "Your copy is ready", "nl": "Uw kopie staat klaar"},
+    "data_copy.ready.body": {
+        "en": "Thank you, that confirms it is you. Download the copy of your data below: a JSON "
+        "file (about {size} kB), made at the moment you download it.",
+        "nl": "Bedankt, daarmee is bevestigd dat u het bent. Download hieronder de kopie van uw "
+        "gegevens: een JSON-bestand (ongeveer {size} kB), gemaakt op het moment dat u het "
+        "downloadt.",
+    },
+    "data_copy.ready.link": {"en": "Download my data", "nl": "Mijn gegevens downloaden"},
+    "data_copy.ready.expiry": {
+        "en": "The download link works until {until}. We do not send it by e-mail, so save the "
+        "file now. For a new link, use the confirmation link in our e-mail again.",
+        "nl": "De downloadlink werkt tot {until}. Wij sturen hem niet per e-mail, dus sla het "
+        "bestand nu op. Voor een nieuwe link gebruikt u de bevestigingslink in onze e-mail "
+        "opnieuw.",
+    },
+    "data_copy.expired.title": {"en": "This link has expired", "nl": "Deze link is verlopen"},
+    "data_copy.expired.body": {
+        "en": "Links for a copy of your data are valid for 7 days. Nothing was shared. Ask "
+        "again through the preferences link in any e-mail from us.",
+        "nl": "Links voor een kopie van uw gegevens zijn 7 dagen geldig. Er is niets gedeeld. "
+        "Vraag het opnieuw aan via de voorkeurenlink in een e-mail van ons.",
+    },
+    "data_copy.gone.title": {
+        "en": "No data for this link",
+        "nl": "Geen gegevens bij deze link",
+    },
+    "data_copy.gone.body": {
+        "en": "We hold no data for this link: the request is unknown, or the data it was about "
+        "has been erased. Nothing was shared.",
+        "nl": "Wij hebben geen gegevens bij deze link: het verzoek is onbekend, of de gegevens "
+        "waar het om ging zijn gewist. Er is niets gedeeld.",
+    },
+    "data_copy.closed.title": {"en": "This request is closed", "nl": "Dit verzoek is gesloten"},
+    "data_copy.closed.body": {
+        "en": "This request was already answered or closed another way. To ask again, use the "
+        "preferences link in any e-mail from us.",
+        "nl": "Dit verzoek is al beantwoord of op een andere manier afgesloten. Wilt u het "
+        "opnieuw vragen, gebruik dan de voorkeurenlink in een e-mail van ons.",
+    },
+    "data_copy.mail.subject": {
+        "en": "Confirm your request for a copy of your data at {sender}",
+        "nl": "Bevestig uw verzoek om een kopie van uw gegevens bij {sender}",
+    },
+    "data_copy.mail.body": {
+        "en": "Someone, hopefully you, asked {sender} for a copy of the personal data held "
+        "about this e-mail address. To make sure the copy goes to the right person, open this "
+        "link and press the button:",
+        "nl": "Iemand, hopelijk u, heeft {sender} gevraagd om een kopie van de persoonsgegevens "
+        "bij dit e-mailadres. Om zeker te weten dat de kopie bij de juiste persoon terechtkomt, "
+        "opent u deze link en drukt u op de knop:",
+    },
+    "data_copy.mail.button": {"en": "Confirm my request", "nl": "Mijn verzoek bevestigen"},
+    "data_copy.mail.expiry": {
+        "en": "The link is valid for 7 days. We answer every request within 30 days.",
+        "nl": "De link is 7 dagen geldig. Wij beantwoorden elk verzoek binnen 30 dagen.",
+    },
+    "data_copy.mail.ignore": {
+        "en": "Did you not ask for this? Then ignore this e-mail: without your confirmation "
+        "nobody gets a copy.",
+        "nl": "Heeft u hier niet om gevraagd? Negeer deze e-mail dan: zonder uw bevestiging "
+        "krijgt niemand een kopie.",
     },
     # purposes
     "purpose.marketing": {

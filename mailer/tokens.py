@@ -33,6 +33,10 @@ class TokenKind(StrEnum):
     UNSUBSCRIBE = "u"
     CONFIRM = "confirm"
     PREFERENCES = "p"
+    # a self-service data-copy request: the identity check mailed to the address, then the
+    # timed download of the copy (mailer.data_copy); both name the privacy request
+    ACCESS_CONFIRM = "privacy/confirm"
+    ACCESS_DOWNLOAD = "privacy/download"
 
 
 class BadToken(BadInput):
@@ -45,7 +49,16 @@ class ExpiredToken(BadToken):
 
 # Confirmation links expire: a sign-up nobody confirmed within a week is stale evidence.
 CONFIRM_MAX_AGE = 7 * 24 * 3600
-TIMED_KINDS = frozenset({TokenKind.CONFIRM})
+# The data-copy links: the identity check is a confirmation link like a sign-up's; the download
+# link is offered once the identity is checked, and stops working a week later.
+ACCESS_CONFIRM_MAX_AGE = 7 * 24 * 3600
+ACCESS_DOWNLOAD_MAX_AGE = 7 * 24 * 3600
+MAX_AGES: dict[TokenKind, int] = {
+    TokenKind.CONFIRM: CONFIRM_MAX_AGE,
+    TokenKind.ACCESS_CONFIRM: ACCESS_CONFIRM_MAX_AGE,
+    TokenKind.ACCESS_DOWNLOAD: ACCESS_DOWNLOAD_MAX_AGE,
+}
+TIMED_KINDS = frozenset(MAX_AGES)
 # 15 bytes are 120 bits of MAC, far beyond online guessing, and exactly 20 base64 characters:
 # a length that is not a multiple of 3 bytes would leave unused bits in the last character, so
 # two different strings would carry the same signature and a changed character could verify.
@@ -172,7 +185,7 @@ class Tokens:
         """The payload of a valid token of this kind, or BadToken.
 
         `max_age` (seconds) applies to timed kinds only; None means the kind's default
-        (CONFIRM_MAX_AGE for confirmation links). Untimed kinds never expire.
+        (MAX_AGES: CONFIRM_MAX_AGE for confirmation links). Untimed kinds never expire.
         """
         timed = self._timed_signers.get(kind)
         if max_age is not None and timed is None:
@@ -186,7 +199,7 @@ class Tokens:
             raise BadToken("not a token")
         try:
             if timed is not None:
-                value = timed.unsign(token, max_age=CONFIRM_MAX_AGE if max_age is None else max_age)
+                value = timed.unsign(token, max_age=MAX_AGES[kind] if max_age is None else max_age)
             else:
                 value = self._signers[kind].unsign(token)
         except SignatureExpired as exc:

@@ -282,3 +282,55 @@ def test_a_person_changes_preferences(
     assert errors == []
     assert [s["reason"] for s in suppressions(site.mailer)] == ["unsubscribed"]
     assert not site.mailer.show_contact("anna@example.org").states["marketing"].allows
+
+
+def test_a_person_gets_a_copy_of_their_data(
+    browser: Browser,
+    site: Site,
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """Preference centre -> the confirmation mail -> the button -> the download, in Chromium."""
+    import json
+
+    from mailer import privacy
+
+    arrived = run(deliver(site.mailer, smtp_server, campaign_file, "anna@example.org"))
+    smtp_server.clear()
+    page, errors = phone(browser)
+    page.goto(local(arrived["anna@example.org"].preferences, site))
+    page.get_by_role("button", name="Send me a copy of my data").click()
+    page.wait_for_load_state()
+    assert "we have sent an e-mail with a confirmation link" in page.locator("main").inner_text()
+    looks_right(page, tmp_path / "data-copy-asked.png")
+
+    (mail,) = smtp_server.wait_for(1)
+    assert mail.recipients == ("anna@example.org",)
+    text = mail.parse().get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    link = text[text.index(site.url) :].split()[0]
+    assert link.startswith(f"{site.url}/privacy/confirm/")
+    page.goto(link)
+    assert page.locator("h1").inner_text() == "Get a copy of your data"
+    looks_right(page, tmp_path / "data-copy-confirm.png")
+    (request,) = privacy.list_requests(site.mailer)
+    assert request.request.identity_check == "pending"  # opening the link verified nothing
+
+    page.get_by_role("button", name="Confirm and get my copy").click()
+    page.wait_for_url(link)
+    assert page.locator("h1").inner_text() == "Your copy is ready"
+    looks_right(page, tmp_path / "data-copy-ready.png")
+    with page.expect_download() as download_info:
+        page.get_by_role("link", name="Download my data").click()
+    download = download_info.value
+    assert download.suggested_filename.startswith("my-data-")
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    copy = json.loads(saved.read_text(encoding="utf-8"))
+    assert copy["contact"]["email"] == "anna@example.org"
+    assert [(r["purpose"], r["status"]) for r in copy["consent"]] == [("marketing", "granted")]
+    assert errors == []
+
+    (request,) = privacy.list_requests(site.mailer)
+    assert request.request.identity_check == "verified"
+    assert request.request.completed_at is not None

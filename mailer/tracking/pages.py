@@ -12,15 +12,22 @@
     POST /confirm/{token}    the confirmed double opt-in
     GET  /p/{token}          the preference centre
     POST /p/{token}          save choices, unsubscribe from everything, ask for a copy of one's data
+                             (mails a confirmation link to the address: the identity check)
+    GET  /privacy/confirm/{token}   the data-copy confirmation page with a button; changes nothing
+    POST /privacy/confirm/{token}   identity verified: a page with a timed download link
+    GET  /privacy/download/{token}  the copy (JSON, an attachment, no-store), made from the live
+                                    data; the first download answers the request
     GET  /assets/pages.css   the pages' stylesheet, in the brand's colours
 
-Thin handlers over `mailer.recipients`: read the request, call it (in a worker thread: the
-database calls block), render a Jinja template from mailer/templates/pages. No cookies: every
-form's authority is the signed token in its own URL, which a cross-site forger cannot make,
-so it is its own CSRF protection. No inline style or script anywhere (the CSP forbids both).
+Thin handlers over `mailer.recipients` and `mailer.data_copy`: read the request, call it (in a
+worker thread: the database calls block), render a Jinja template from mailer/templates/pages.
+No cookies: every form's authority is the signed token in its own URL, which a cross-site forger
+cannot make, so it is its own CSRF protection. No inline style or script anywhere (the CSP
+forbids both).
 
 Domain errors become answers in one place, `RecipientPages.error_response`: a bad or unknown
-token is a 404 page, an expired confirmation link 410, a used one 409, bad input 400, a form
+token is a 404 page (with its own words for a data-copy link whose request or person is gone),
+an expired confirmation or data-copy link 410, a used one 409, bad input 400, a form
 that is too large 413 or of another type 415, too many sign-ups 429, a database that does not
 answer 503. Nothing a person or a scanner can send makes these handlers answer 500.
 """
@@ -47,7 +54,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from mailer import recipients
+from mailer import data_copy, recipients
 from mailer.branding import Palette
 from mailer.errors import BadInput, MailerError, NotFound
 from mailer.i18n import LANGUAGE_NAMES, LANGUAGES, Language, Translator, language_or_none, negotiate
@@ -280,6 +287,16 @@ class RecipientPages:
             Route("/u/{token}", guard(self.unsubscribe), methods=["GET", "POST"]),
             Route("/confirm/{token}", guard(self.confirm), methods=["GET", "POST"]),
             Route("/p/{token}", guard(self.preferences), methods=["GET", "POST"]),
+            Route(
+                f"/{TokenKind.ACCESS_CONFIRM.value}/{{token}}",
+                guard(self.data_copy_confirm),
+                methods=["GET", "POST"],
+            ),
+            Route(
+                f"/{TokenKind.ACCESS_DOWNLOAD.value}/{{token}}",
+                guard(self.data_copy_download),
+                methods=["GET"],
+            ),
             Route("/subscribe", guard(self.subscribe), methods=["POST"]),
             Route(STYLESHEET_PATH, self.stylesheet, methods=["GET"]),
         ]
@@ -332,7 +349,16 @@ class RecipientPages:
         """Every domain error of these routes becomes its answer here."""
         t = Translator(negotiate(None, request.headers.get("accept-language")))
         headers: dict[str, str] = {}
-        if isinstance(exc, ExpiredToken):
+        if isinstance(exc, data_copy.LinkExpired):
+            status, code = 410, "expired"
+            title, body = t("data_copy.expired.title"), t("data_copy.expired.body")
+        elif isinstance(exc, data_copy.RequestClosed):
+            status, code = 410, "closed"
+            title, body = t("data_copy.closed.title"), t("data_copy.closed.body")
+        elif isinstance(exc, data_copy.NoSuchRequest):
+            status, code = 404, "not_found"
+            title, body = t("data_copy.gone.title"), t("data_copy.gone.body")
+        elif isinstance(exc, ExpiredToken):
             status, code = 410, "expired"
             title, body = t("confirm.expired.title"), t("confirm.expired.body")
         elif isinstance(exc, recipients.AlreadyConfirmed):
@@ -556,21 +582,7 @@ class RecipientPages:
                 preferences_url=_path(request, request.url.path),
             )
         if action == "data_copy":
-            context = await run_in_threadpool(
-                recipients.delivery_for, mailer, tokens, TokenKind.PREFERENCES, token
-            )
-            await run_in_threadpool(
-                recipients.request_data_copy,
-                mailer,
-                context.contact_id,
-                channel=f"preference centre, delivery {context.delivery_id}",
-                requester=requester,
-            )
-            shown = await run_in_threadpool(recipients.preferences_for, mailer, tokens, token)
-            lang = negotiate(context.locale, accept)
-            return self._preferences_page(
-                request, shown, lang, [Translator(lang)("preferences.data_copy_done")]
-            )
+            return await self._request_data_copy(request, token, requester)
         if action != "save":
             raise BadInput(f"unknown action {action[:40]!r}")
         shown_in = language_or_none(_first(form, "shown_in")) or negotiate(None, accept)
@@ -610,6 +622,72 @@ class RecipientPages:
         if not outcome.changed:
             messages.append(t("preferences.nothing_changed"))
         return self._preferences_page(request, after, lang, messages)
+
+    async def _request_data_copy(
+        self, request: Request, token: str, requester: recipients.Requester
+    ) -> Response:
+        mailer, tokens = _state(request)
+        shown = await run_in_threadpool(recipients.preferences_for, mailer, tokens, token)
+        context = shown.context
+        lang = negotiate(context.locale, request.headers.get("accept-language"))
+        mail = await run_in_threadpool(
+            data_copy.request_copy, mailer, tokens, context, requester, language=lang
+        )
+        if mail is None:
+            key = "preferences.data_copy_recent"
+        else:
+            transport = getattr(request.app.state, "transport", None)
+            sent = transport is not None and await data_copy.send_identity_mail(transport, mail)
+            key = "preferences.data_copy_sent" if sent else "preferences.data_copy_not_sent"
+        message = Translator(lang)(key, address=context.masked_address)
+        return self._preferences_page(request, shown, lang, [message])
+
+    # -- a copy of one's data --------------------------------------------------------------
+
+    async def data_copy_confirm(self, request: Request) -> Response:
+        mailer, tokens = _state(request)
+        token = request.path_params["token"]
+        accept = request.headers.get("accept-language")
+        if request.method != "POST":
+            pending = await run_in_threadpool(data_copy.pending_for, mailer, tokens, token)
+            lang = negotiate(pending.locale, accept)
+            return self.render(
+                request,
+                "data-copy-confirm.html",
+                lang,
+                title=Translator(lang)("data_copy.confirm.title"),
+                address=pending.masked_address,
+            )
+        await read_body(request)  # the button sends nothing; only the size is checked
+        ready = await run_in_threadpool(data_copy.confirm_identity, mailer, tokens, token)
+        lang = negotiate(ready.request.locale, accept)
+        return self.render(
+            request,
+            "data-copy-ready.html",
+            lang,
+            title=Translator(lang)("data_copy.ready.title"),
+            size_kb=max(1, round(ready.size / 1024)),
+            download_url=_path(
+                request, f"/{TokenKind.ACCESS_DOWNLOAD.value}/{ready.download_token}"
+            ),
+            until=f"{ready.expires_at:%Y-%m-%d %H:%M} UTC",
+        )
+
+    async def data_copy_download(self, request: Request) -> Response:
+        mailer, tokens = _state(request)
+        token = request.path_params["token"]
+        if request.method == "HEAD":  # says whether the link works; hands over nothing
+            await run_in_threadpool(data_copy.check_download, mailer, tokens, token)
+            return Response(media_type="application/json", headers=NO_STORE)
+        copy = await run_in_threadpool(data_copy.download, mailer, tokens, token)
+        return Response(
+            copy.body,
+            media_type="application/json",
+            headers={
+                **NO_STORE,
+                "content-disposition": f'attachment; filename="{copy.filename}"',
+            },
+        )
 
     def _preferences_page(
         self,

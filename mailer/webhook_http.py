@@ -90,9 +90,11 @@ class GuardedTransport(httpx.AsyncHTTPTransport):
         )
 
 
-def webhook_client(*, allow_private: bool = False, timeout: float = 10.0) -> httpx.AsyncClient:
+def webhook_client(
+    *, allow_private: bool = False, timeout: float = 10.0, max_connections: int = 20
+) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        transport=GuardedTransport(allow_private=allow_private),
+        transport=GuardedTransport(allow_private=allow_private, max_connections=max_connections),
         timeout=httpx.Timeout(timeout),
         follow_redirects=False,
         headers={"user-agent": "mailer-webhooks/1"},

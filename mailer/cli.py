@@ -930,6 +930,18 @@ app.add_typer(retention_app, name="retention")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
 
+# -- webhooks (issue 5): mailer/cli_webhooks.py --------------------------------------------------
+
+from mailer.cli_webhooks import webhooks_app  # noqa: E402
+
+app.add_typer(webhooks_app, name="webhooks")
+
+# -- bounces, complaints and mailto unsubscribes in (issue 5): mailer/cli_inbound.py -------------
+
+from mailer.cli_inbound import inbound_app  # noqa: E402
+
+app.add_typer(inbound_app, name="inbound")
+
 
 def main() -> None:
     try:

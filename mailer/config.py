@@ -45,16 +45,20 @@ _KNOWN_FILE_KEYS = {
     "logo_url",
     "company_url",
     "mail_from",
+    "soft_bounce_limit",  # mailer inbound: soft bounces of one address before it is suppressed
     # retention periods (mailer retention purge)
     "retention_events_months",
     "retention_unconsented_months",
     "retention_unconfirmed_days",
     "retention_dead_letters_days",
+    # webhooks: allow private/loopback targets and plain http (development and tests only)
+    "webhook_allow_private",
 }
 DEFAULT_SMTP_URL = "smtp://127.0.0.1:25"
 DEFAULT_SENDER_NAME = "mailer"
 DEFAULT_ERROR_THRESHOLD = 0.2
 DEFAULT_BRAND_COLOR = "#1d4e89"
+DEFAULT_SOFT_BOUNCE_LIMIT = 3
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,13 @@ class Settings:
     logo_url: str | None = None
     company_url: str | None = None
     mail_from: str | None = None  # From of mailer's own mails (double opt-in confirmations)
+    soft_bounce_limit: int = DEFAULT_SOFT_BOUNCE_LIMIT  # soft bounces that suppress an address
     # retention periods (`mailer retention purge`), in months or days as named
     retention_events_months: int = 13
     retention_unconsented_months: int = 24
     retention_unconfirmed_days: int = 30
     retention_dead_letters_days: int = 90
+    webhook_allow_private: bool = False  # development and tests: loopback/private targets, http
     key_file: Path | None = None
     config_file: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -274,6 +280,10 @@ def load_settings(
         logo_url=pick("MAILER_LOGO_URL", "logo_url"),
         company_url=pick("MAILER_COMPANY_URL", "company_url"),
         mail_from=pick("MAILER_MAIL_FROM", "mail_from"),
+        soft_bounce_limit=_period(
+            pick("MAILER_SOFT_BOUNCE_LIMIT", "soft_bounce_limit", DEFAULT_SOFT_BOUNCE_LIMIT),
+            "MAILER_SOFT_BOUNCE_LIMIT",
+        ),
         retention_events_months=_period(
             pick("MAILER_RETENTION_EVENTS_MONTHS", "retention_events_months", 13),
             "MAILER_RETENTION_EVENTS_MONTHS",
@@ -289,6 +299,12 @@ def load_settings(
         retention_dead_letters_days=_period(
             pick("MAILER_RETENTION_DEAD_LETTERS_DAYS", "retention_dead_letters_days", 90),
             "MAILER_RETENTION_DEAD_LETTERS_DAYS",
+        ),
+        webhook_allow_private=_parse_bool(
+            env.get(
+                "MAILER_WEBHOOK_ALLOW_PRIVATE", file_values.get("webhook_allow_private", False)
+            ),
+            "MAILER_WEBHOOK_ALLOW_PRIVATE",
         ),
         database_url=url,
         secret_keys=keys,

@@ -52,6 +52,7 @@ class ConsentMethod(StrEnum):
     ATTESTATION_REVOKED = "attestation_revoked"
     COMPLAINT = "complaint"
     REPERMISSION = "repermission"
+    MAILTO = "mailto"  # a mail to the List-Unsubscribe mailto: address (mailer.inbound)
 
 
 class SuppressionReason(StrEnum):
@@ -487,3 +488,17 @@ class BounceCount(SQLModel, table=True):
     address_hash: str = Field(max_length=64, primary_key=True)
     soft_bounces: int = 0
     last_bounce_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+
+
+class InboundMessage(SQLModel, table=True):
+    """One processed inbound mail (bounce, complaint, mailto unsubscribe, or one not understood),
+    keyed by a hash of its Message-ID so that processing it again changes nothing."""
+
+    __tablename__ = "inbound_messages"
+    id: int | None = Field(default=None, primary_key=True)
+    message_key: str = Field(max_length=64, unique=True)
+    kind: str = Field(max_length=16)  # dsn, arf, unsubscribe, unknown, malformed
+    outcome: str = Field(max_length=16)  # processed, unmatched, failed
+    action: str = Field(max_length=32)
+    delivery_id: int | None = Field(default=None, index=True)
+    processed_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

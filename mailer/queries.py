@@ -361,7 +361,11 @@ engagement_events = EngagementEvent.__table__  # type: ignore[attr-defined]
 campaign_links = CampaignLink.__table__  # type: ignore[attr-defined]
 CLICK = "click"
 OPEN = "open"
-UNSUBSCRIBE_METHODS = (ConsentMethod.ONE_CLICK.value, ConsentMethod.UNSUBSCRIBE_LINK.value)
+UNSUBSCRIBE_METHODS = (
+    ConsentMethod.ONE_CLICK.value,
+    ConsentMethod.UNSUBSCRIBE_LINK.value,
+    ConsentMethod.MAILTO.value,
+)
 
 
 def health_check() -> Select[Any]:

@@ -6,7 +6,8 @@
     preferences_for       what the preference centre shows
     update_preferences    per-purpose choices, name and language
     unsubscribe_all       the preference centre's "unsubscribe from everything"
-    request_data_copy     a request for a copy of one's data (minimal, see its docstring)
+
+A request for a copy of one's data is `mailer.data_copy`.
 
 No HTTP here: the web app (`mailer.tracking.pages`) reads requests and renders pages, these
 functions decide and write. Every change is committed before they return (invariant 9), and
@@ -39,7 +40,7 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from mailer import consent, suppression
+from mailer import consent, events, suppression
 from mailer.addresses import mask_address, normalise_address
 from mailer.branding import Palette
 from mailer.config import Settings
@@ -52,6 +53,7 @@ from mailer.errors import (
     MailerError,
     NotFound,
 )
+from mailer.events import EventType
 from mailer.i18n import LANGUAGES, Language, Translator, language_or_none
 from mailer.masking import mask_ip
 from mailer.message import HeaderInjection
@@ -73,7 +75,6 @@ from mailer.tokens import BadToken, ExpiredToken, TokenKind, Tokens
 from mailer.transport import Transport
 
 logger = logging.getLogger("mailer.recipients")
-privacy_log = logging.getLogger("mailer.privacy")
 
 # A confirmation mail goes to one address at most once per interval and this often per day,
 # however often the form is submitted for it: the sign-up form must not become a way to
@@ -89,6 +90,7 @@ SIGNUP_SOURCE = "signup form"
 PREFERENCE_SOURCE = "preference centre"
 ONE_CLICK_SOURCE = "list-unsubscribe-post"
 PAGE_SOURCE = "unsubscribe page"
+MAILTO_SOURCE = "list-unsubscribe mailto"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEADER_UNSAFE = re.compile(r"[\r\n\0]")
@@ -233,9 +235,14 @@ def unsubscribe(
     Idempotent: a purpose whose latest ledger row is already a withdrawal gets no second row,
     and suppressing again is a no-op. Committed before this returns.
     """
-    if method not in (ConsentMethod.ONE_CLICK, ConsentMethod.UNSUBSCRIBE_LINK):
+    sources = {
+        ConsentMethod.ONE_CLICK: ONE_CLICK_SOURCE,
+        ConsentMethod.UNSUBSCRIBE_LINK: PAGE_SOURCE,
+        ConsentMethod.MAILTO: MAILTO_SOURCE,  # mailer.inbound, a mail to the mailto: address
+    }
+    if method not in sources:
         raise ValueError(f"not an unsubscribe method: {method}")
-    source = ONE_CLICK_SOURCE if method is ConsentMethod.ONE_CLICK else PAGE_SOURCE
+    source = sources[method]
     with mailer.session() as session:
         delivery, campaign, contact = _load_delivery(session, tokens, TokenKind.UNSUBSCRIBE, token)
         assert contact.id is not None
@@ -256,7 +263,10 @@ def unsubscribe(
             contact.email_hash,
             SuppressionReason.UNSUBSCRIBED,
             source=f"{method.value} {context.evidence}",
+            contact_id=contact.id,
+            email=contact.email,
         )
+        _emit_unsubscribed(session, context, campaign, contact, method, withdrawn, result.created)
     logger.info(
         "delivery %s unsubscribed by %s (withdrawn: %s)",
         context.delivery_id,
@@ -264,6 +274,35 @@ def unsubscribe(
         ", ".join(withdrawn) or "nothing new",
     )
     return Unsubscribed(context, withdrawn, result.created)
+
+
+def _emit_unsubscribed(
+    session: Session,
+    context: DeliveryContext,
+    campaign: Campaign,
+    contact: Contact,
+    method: ConsentMethod,
+    withdrawn: Sequence[str],
+    suppressed_now: bool,
+) -> None:
+    """`contact.unsubscribed`, in the unsubscribing transaction; a repeated unsubscribe that
+    changed nothing is no new event."""
+    if not withdrawn and not suppressed_now:
+        return
+    events.emit(
+        session,
+        EventType.CONTACT_UNSUBSCRIBED,
+        {
+            "contact_id": context.contact_id,
+            "email": contact.email,
+            "campaign_id": context.campaign_id,
+            "campaign": campaign.name,
+            "delivery_id": context.delivery_id,
+            "method": method.value,
+            "purposes": list(withdrawn),
+        },
+        contact_id=context.contact_id,
+    )
 
 
 def _withdraw(
@@ -513,6 +552,20 @@ def open_subscription(
             user_agent=requester.user_agent,
             evidence=f"subscription:{subscription.id}",
         )
+    events.emit(
+        session,
+        EventType.CONTACT_SUBSCRIBED,
+        {
+            "contact_id": contact.id,
+            "email": contact.email,
+            "subscription_id": subscription.id,
+            "purposes": list(purposes),
+            "policy_version": policy_version,
+            "source": source,
+            "method": method.value,
+        },
+        contact_id=contact.id,
+    )
     token = tokens.sign(TokenKind.CONFIRM, (subscription.id,))
     envelope_from, recipient, data = build_confirmation_mail(
         settings,
@@ -656,6 +709,20 @@ def confirm(mailer: Mailer, tokens: Tokens, token: str, requester: Requester) ->
             suppression.lift_by_double_opt_in(session, contact.email_hash, mail_record)
             if mail_record is not None
             else []
+        )
+        events.emit(
+            session,
+            EventType.CONTACT_CONFIRMED,
+            {
+                "contact_id": contact.id,
+                "email": contact.email,
+                "subscription_id": subscription_id,
+                "purposes": list(subscription.purposes),
+                "policy_version": subscription.policy_version,
+                "source": subscription.source,  # "re-permission" for a re-permission
+                "method": ConsentMethod.DOUBLE_OPT_IN.value,
+            },
+            contact_id=contact.id,
         )
         result = Confirmed(
             subscription_id=subscription_id,
@@ -922,7 +989,18 @@ def update_preferences(
                 contact.email_hash,
                 SuppressionReason.UNSUBSCRIBED,
                 source=f"{ConsentMethod.PREFERENCE_CENTRE.value} {context.evidence}",
+                contact_id=contact.id,
+                email=contact.email,
             ).created
+            _emit_unsubscribed(
+                session,
+                context,
+                campaign,
+                contact,
+                ConsentMethod.PREFERENCE_CENTRE,
+                withdrawals,
+                suppressed_now,
+            )
         mail = None
         if via_opt_in:
             mail = open_subscription(
@@ -938,7 +1016,15 @@ def update_preferences(
                 requester=requester,
                 language=choices.language or choices.shown_in,
             )
-        profile_changed = _update_profile(session, contact, choices)
+        profile_changes = _update_profile(session, contact, choices)
+        profile_changed = bool(profile_changes)
+        if profile_changes:
+            events.emit(
+                session,
+                EventType.CONTACT_UPDATED,
+                {"contact_id": contact.id, "email": contact.email, "changes": profile_changes},
+                contact_id=contact.id,
+            )
         context = _context(session, delivery, campaign, contact)
         after = _preferences(session, context, campaign.purpose)
     if grants or withdrawals or via_opt_in or profile_changed:
@@ -963,14 +1049,15 @@ def update_preferences(
     )
 
 
-def _update_profile(session: Session, contact: Contact, choices: PreferenceChoices) -> bool:
-    changed = False
+def _update_profile(session: Session, contact: Contact, choices: PreferenceChoices) -> list[str]:
+    """Apply the name and language choices; returns the names of the fields changed."""
+    changed: list[str] = []
     if choices.name is not None and (choices.name or None) != contact.name:
         contact.name = choices.name or None
-        changed = True
+        changed.append("name")
     if choices.language is not None and language_or_none(contact.locale) != choices.language:
         contact.locale = choices.language
-        changed = True
+        changed.append("locale")
     if changed:
         contact.updated_at = utcnow()
         session.add(contact)
@@ -1005,6 +1092,17 @@ def unsubscribe_all(
             contact.email_hash,
             SuppressionReason.UNSUBSCRIBED,
             source=f"{ConsentMethod.PREFERENCE_CENTRE.value} {context.evidence}",
+            contact_id=contact.id,
+            email=contact.email,
+        )
+        _emit_unsubscribed(
+            session,
+            context,
+            campaign,
+            contact,
+            ConsentMethod.PREFERENCE_CENTRE,
+            withdrawn,
+            result.created,
         )
     logger.info(
         "contact %s unsubscribed from everything via delivery %s",
@@ -1013,44 +1111,3 @@ def unsubscribe_all(
     )
     return Unsubscribed(context, withdrawn, result.created)
 
-
-# -- access requests ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DataCopyRequest:
-    contact_id: int
-    requested_at: datetime
-    channel: str
-    requester: Requester
-
-
-def request_data_copy(
-    mailer: Mailer, contact_id: int, *, channel: str, requester: Requester
-) -> DataCopyRequest:
-    """A person asked for a copy of their data (obligation 10: answered within 30 days).
-
-    Stored in the privacy requests register (due in 30 days, identity not yet checked: the
-    request came through a link in a mail to the address, which the operator confirms), where
-    `mailer privacy requests` shows it and `mailer privacy export` answers it. A log line on
-    `mailer.privacy` tells the operator at once (contact id, never the address).
-    """
-    from mailer import privacy
-
-    row = privacy.record_request_for_contact(
-        mailer,
-        contact_id,
-        "access",
-        channel=channel,
-        verified=False,
-        note=f"asked in the preference centre (ip {requester.ip_masked or 'unknown'})",
-    )
-    request = DataCopyRequest(contact_id, as_utc(row.received_at), channel, requester)
-    privacy_log.warning(
-        "data copy requested: contact %s via %s at %s (request %s); answer within 30 days",
-        contact_id,
-        channel,
-        request.requested_at.isoformat(),
-        row.id,
-    )
-    return request

@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 from sqlmodel import select as model_select
 
-from mailer import audit, consent, suppression, tallies
+from mailer import audit, consent, queries, suppression, tallies
 from mailer.addresses import address_hash, normalise_address
 from mailer.contacts import get_by_email, normalise_locale, tags_of
 from mailer.csvsafe import safe_row
@@ -994,6 +994,7 @@ def _contribution(conn: Connection, contact_id: int) -> Counter[tuple[int, str]]
             deliveries_t.c.status,
             deliveries_t.c.excluded_reason,
             deliveries_t.c.smtp_code,
+            queries.bounced(deliveries_t).label("bounced"),
         ).where(deliveries_t.c.contact_id == contact_id)
     ).all()
     for d in deliveries:
@@ -1006,7 +1007,7 @@ def _contribution(conn: Connection, contact_id: int) -> Counter[tuple[int, str]]
         counts[(d.campaign_id, f"status:{status}")] += 1
         if status == DeliveryStatus.EXCLUDED.value:
             counts[(d.campaign_id, f"excluded:{reason or 'unknown'}")] += 1
-        if d.status == DeliveryStatus.FAILED.value and (d.smtp_code or 0) >= 500:
+        if d.bounced:
             counts[(d.campaign_id, "bounces")] += 1
     delivery_ids = [d.id for d in deliveries]
     groups = conn.execute(

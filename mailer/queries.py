@@ -24,6 +24,7 @@ from mailer.models import (
     Delivery,
     DeliveryStatus,
     EngagementEvent,
+    InboundMessage,
     Suppression,
 )
 
@@ -323,6 +324,32 @@ def delivery_counts(campaign_id: int) -> Select[Any]:
         .where(deliveries.c.campaign_id == campaign_id)
         .group_by(deliveries.c.status)
     )
+
+
+inbound_messages = InboundMessage.__table__  # type: ignore[attr-defined]
+# inbound.Action values of a DSN that counted as a bounce of its delivery
+BOUNCE_ACTIONS = (
+    "hard_bounce_suppressed",
+    "soft_bounce_counted",
+    "soft_bounce_suppressed",
+    "soft_bounce_repeated",
+)
+
+
+def bounced(deliveries_table: Any = None) -> Any:
+    """A delivery bounced: refused with 5xx at send time, or a bounce (DSN) came back for it
+    later. One rule for the campaign report and for what an erasure adds to its tallies."""
+    d = deliveries if deliveries_table is None else deliveries_table
+    later = exists().where(
+        inbound_messages.c.delivery_id == d.c.id,
+        inbound_messages.c.kind == "dsn",
+        inbound_messages.c.action.in_(BOUNCE_ACTIONS),
+    )
+    return or_(and_(d.c.status == DeliveryStatus.FAILED.value, d.c.smtp_code >= 500), later)
+
+
+def bounce_count(campaign_id: int) -> Select[Any]:
+    return select(func.count()).where(deliveries.c.campaign_id == campaign_id, bounced())
 
 
 def recheck_exclusions(campaign_id: int) -> Select[Any]:

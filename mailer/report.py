@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import sqlmodel
-from sqlalchemy import and_, func, select
 from sqlmodel import Session
 
 from mailer import queries, tallies
@@ -57,16 +56,7 @@ def build_report(session: Session, name: str) -> dict[str, Any]:
         if group in ("status", "excluded"):
             counts = by_status if group == "status" else excluded
             counts[key] = counts.get(key, 0) + count
-    d = queries.deliveries
-    bounces = conn.execute(
-        select(func.count()).where(
-            and_(
-                d.c.campaign_id == campaign.id,
-                d.c.status == DeliveryStatus.FAILED.value,
-                d.c.smtp_code >= 500,
-            )
-        )
-    ).scalar_one()
+    bounces = conn.execute(queries.bounce_count(campaign.id)).scalar_one()
     report: dict[str, Any] = {
         "campaign": campaign.name,
         "purpose": campaign.purpose,

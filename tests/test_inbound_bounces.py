@@ -202,6 +202,10 @@ async def test_a_rerun_and_a_second_copy_change_nothing(
     assert cli("suppressions", "list", "--json").stdout == before
     assert len(events_of(mailer, "message.bounced")) == 1
     assert len(mails_in(box / ".processed")) == 2
+    # the campaign report counts the bounce once, and still does after the person is erased
+    assert json.loads(cli("campaign", "report", "autumn", "--json").stdout)["bounces"] == 1
+    assert cli("privacy", "erase", "anna@example.org").exit_code == 0
+    assert json.loads(cli("campaign", "report", "autumn", "--json").stdout)["bounces"] == 1
 
 
 @pytest.mark.asyncio

@@ -6,21 +6,19 @@ same transaction as the state change they describe: a rolled-back wave leaves no
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, select, text, update
 from sqlmodel import Session
 
 from mailer import queries, suppression
 from mailer.addresses import address_hash
 from mailer.config import Settings
 from mailer.events import EventType, NewEvent, emit_many
+from mailer.leases import is_dead_local_owner
 from mailer.models import (
     Campaign,
     CampaignStatus,
@@ -30,28 +28,20 @@ from mailer.models import (
     utcnow,
 )
 
-
-def make_owner() -> str:
-    """Who holds a lease: machine, process and a random part (pids are reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
-
-
-def _is_dead_local_owner(owner: str) -> bool:
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
+# the wave's outcomes in one UPDATE; only rows still `sending` (not swept to `uncertain`
+# because our lease ran out) are ours to record
+_RECORD_POSTGRES = text(
+    """
+    UPDATE deliveries AS d
+       SET status = v.status, smtp_code = v.code, smtp_response = v.response,
+           message_id = v.message_id, finished_at = :now, lease_owner = NULL
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS varchar[]),
+                  CAST(:codes AS integer[]), CAST(:responses AS varchar[]),
+                  CAST(:message_ids AS varchar[])) AS v(id, status, code, response, message_id)
+     WHERE d.id = v.id AND d.status = 'sending'
+    RETURNING d.id
+    """
+)
 
 contacts_table = Contact.__table__  # type: ignore[attr-defined]
 campaigns_table = Campaign.__table__  # type: ignore[attr-defined]
@@ -181,7 +171,7 @@ class DeliveryStore:
         is gone is known dead at once; elsewhere, when its lease runs out."""
         with self.engine.begin() as conn:
             owners = [row[0] for row in conn.execute(queries.lease_owners(self.campaign_id))]
-            dead = [owner for owner in owners if _is_dead_local_owner(owner)]
+            dead = [owner for owner in owners if is_dead_local_owner(owner)]
             if dead:
                 conn.execute(queries.release_claims(self.campaign_id, dead))
             return int(
@@ -348,7 +338,22 @@ class DeliveryStore:
         retries = [o for o in outcomes if o.status is DeliveryStatus.QUEUED]
         d = queries.deliveries
         recorded: set[int] = set()
-        if finals:
+        if finals and conn.dialect.name == "postgresql":
+            # one statement and round trip for the wave, returning exactly the rows we recorded
+            recorded.update(
+                conn.execute(
+                    _RECORD_POSTGRES,
+                    {
+                        "ids": [o.delivery_id for o in finals],
+                        "statuses": [o.status.value for o in finals],
+                        "codes": [o.smtp_code for o in finals],
+                        "responses": [(o.smtp_response or "")[:500] or None for o in finals],
+                        "message_ids": [o.message_id for o in finals],
+                        "now": now,
+                    },
+                ).scalars()
+            )
+        elif finals:
             result = conn.execute(
                 update(d)
                 .where(d.c.id == bindparam("b_id"), d.c.status == DeliveryStatus.SENDING.value)

@@ -24,7 +24,6 @@ from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, text, update
-from sqlalchemy.exc import DataError, IntegrityError
 from sqlmodel import Session
 
 from mailer.models import Event, as_utc, utcnow
@@ -71,9 +70,27 @@ _FAN_OUT_SELECT = """
 _FAN_OUT = text(_FAN_OUT_SELECT.format(match="IN :uids")).bindparams(
     bindparam("uids", expanding=True)
 )
-# one array parameter: psycopg prepares a statement with a fixed shape once, where an IN list
-# of 500 parameters is parsed again on every batch
-_FAN_OUT_POSTGRES = text(_FAN_OUT_SELECT.format(match="= ANY(:uids)"))
+# On PostgreSQL the events and their fan-out are one statement, one round trip, with one array
+# parameter per column: psycopg prepares a statement of a fixed shape once, where a VALUES or
+# IN list of hundreds of parameters is parsed anew every time (and an executemany or COPY
+# followed by the fan-out costs the caller two or more round trips).
+_EMIT_POSTGRES = text(
+    """
+    WITH ev AS (
+        INSERT INTO events (uid, type, occurred_at, contact_id, data)
+        SELECT * FROM unnest(CAST(:uids AS varchar[]), CAST(:types AS varchar[]),
+                             CAST(:ats AS timestamptz[]), CAST(:contacts AS integer[]),
+                             CAST(:datas AS json[]))
+        RETURNING id, type
+    )
+    INSERT INTO webhook_deliveries (event_id, endpoint_id, status, attempts, next_attempt_at,
+                                    created_at)
+    SELECT DISTINCT ev.id, ep.id, 'pending', 0, :now, :now
+      FROM ev
+      JOIN webhook_endpoint_events sub ON sub.event_type IN (ev.type, '*')
+      JOIN webhook_endpoints ep ON ep.id = sub.endpoint_id AND ep.enabled
+    """
+)
 _EVENT_COLUMNS = ("uid", "type", "occurred_at", "contact_id", "data")
 
 _CHUNK = 500
@@ -149,8 +166,17 @@ def emit_many(target: Session | Connection, events: Sequence[NewEvent]) -> int:
         ]
         uids = [event.uid for event in chunk]
         if postgres:
-            _copy(conn, rows)
-            conn.execute(_FAN_OUT_POSTGRES, {"now": now, "uids": uids})
+            conn.execute(
+                _EMIT_POSTGRES,
+                {
+                    "now": now,
+                    "uids": uids,
+                    "types": [row[1] for row in rows],
+                    "ats": [row[2] for row in rows],
+                    "contacts": [row[3] for row in rows],
+                    "datas": [json.dumps(row[4]) for row in rows],
+                },
+            )
         else:
             conn.execute(
                 insert(Event.__table__),  # type: ignore[attr-defined]
@@ -158,24 +184,6 @@ def emit_many(target: Session | Connection, events: Sequence[NewEvent]) -> int:
             )
             conn.execute(_FAN_OUT, {"now": now, "uids": uids})
     return len(events)
-
-
-def _copy(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """PostgreSQL's COPY in the caller's transaction: a row-by-row executemany cost more client
-    CPU per event than answering the tracking request that caused it."""
-    statement = f"COPY events ({', '.join(_EVENT_COLUMNS)}) FROM STDIN"
-    driver = conn.dialect.loaded_dbapi
-    cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-    try:
-        with cursor.copy(statement) as copy:
-            for uid, type_, occurred_at, contact_id, data in rows:
-                copy.write_row((uid, type_, occurred_at, contact_id, json.dumps(data)))
-    except driver.IntegrityError as exc:
-        raise IntegrityError(statement, None, exc) from exc
-    except driver.DataError as exc:
-        raise DataError(statement, None, exc) from exc
-    finally:
-        cursor.close()
 
 
 def timestamp_text(at: datetime) -> str:

@@ -409,14 +409,6 @@ def link_urls(campaign_id: int) -> Select[Any]:
     )
 
 
-def link_counts(campaign_ids: Iterable[int]) -> Select[Any]:
-    return (
-        select(campaign_links.c.campaign_id, func.count())
-        .where(campaign_links.c.campaign_id.in_(list(campaign_ids)))
-        .group_by(campaign_links.c.campaign_id)
-    )
-
-
 def delivery_facts(delivery_ids: Iterable[int]) -> Select[Any]:
     """What recording an event needs to know about its deliveries."""
     return select(
@@ -426,71 +418,6 @@ def delivery_facts(delivery_ids: Iterable[int]) -> Select[Any]:
         deliveries.c.sending_at,
         deliveries.c.finished_at,
     ).where(deliveries.c.id.in_(list(delivery_ids)))
-
-
-def clicks_between(delivery_ids: Iterable[int], start: datetime, end: datetime) -> Select[Any]:
-    """The clicks on these deliveries in [start, end], for the rules that look at several."""
-    e = engagement_events
-    return select(e.c.id, e.c.delivery_id, e.c.link_position, e.c.occurred_at, e.c.machine).where(
-        e.c.delivery_id.in_(list(delivery_ids)),
-        e.c.kind == CLICK,
-        e.c.occurred_at >= start,
-        e.c.occurred_at <= end,
-    )
-
-
-def honeypot_clicks(
-    delivery_ids: Iterable[int], start: datetime, end: datetime, honeypot_position: int
-) -> Select[Any]:
-    """Which of these deliveries had their hidden honeypot link followed in [start, end]."""
-    e = engagement_events
-    return (
-        select(e.c.delivery_id)
-        .where(
-            e.c.delivery_id.in_(list(delivery_ids)),
-            e.c.kind == CLICK,
-            e.c.link_position == honeypot_position,
-            e.c.occurred_at >= start,
-            e.c.occurred_at <= end,
-        )
-        .distinct()
-    )
-
-
-def all_links_clicked(
-    delivery_ids: Iterable[int], start: datetime, end: datetime, honeypot_position: int
-) -> Select[Any]:
-    """Which of these deliveries had every one of their campaign's links (two or more)
-    clicked in [start, end]: the candidates for the burst rule."""
-    e = engagement_events
-    links = (
-        select(func.count())
-        .where(campaign_links.c.campaign_id == e.c.campaign_id)
-        .scalar_subquery()
-    )
-    distinct_positions = func.count(e.c.link_position.distinct())
-    return (
-        select(e.c.delivery_id)
-        .where(
-            e.c.delivery_id.in_(list(delivery_ids)),
-            e.c.kind == CLICK,
-            e.c.link_position != honeypot_position,
-            e.c.occurred_at >= start,
-            e.c.occurred_at <= end,
-        )
-        .group_by(e.c.delivery_id, e.c.campaign_id)
-        .having(and_(distinct_positions >= 2, distinct_positions >= links))
-    )
-
-
-def flag_machine(event_ids: Sequence[int], reason: str) -> Any:
-    """Reclassify events as machine traffic. Events are never deleted; only a human event is
-    reclassified, so the first reason found stays."""
-    return (
-        update(engagement_events)
-        .where(engagement_events.c.id.in_(list(event_ids)), engagement_events.c.machine.is_(False))
-        .values(machine=True, machine_reason=reason)
-    )
 
 
 def engagement_counts(session: Any, campaign_id: int) -> dict[str, int]:

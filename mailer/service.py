@@ -23,10 +23,11 @@ from mailer.config import Settings, generate_key_file, load_settings
 from mailer.contacts import get_by_email, tags_of
 from mailer.db import check_reachable, check_ready, check_suppression_key, make_engine, migrate
 from mailer.db import session_scope as _session_scope
-from mailer.delivery_store import Claimed, DeliveryStore, Recipient, make_owner
+from mailer.delivery_store import Claimed, DeliveryStore, Recipient
 from mailer.errors import BadInput, ConfigError, DatabaseError, MailerError, NotFound
 from mailer.events import EventType
 from mailer.imports import ImportSummary, import_contacts
+from mailer.leases import make_owner
 from mailer.models import (
     Campaign,
     CampaignLink,

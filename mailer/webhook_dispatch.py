@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 import httpx
 from sqlalchemy import Engine
 
-from mailer.delivery_store import make_owner
+from mailer.leases import make_owner
 from mailer.models import utcnow
 from mailer.webhook_http import webhook_client
 from mailer.webhook_policy import Verdict, decide

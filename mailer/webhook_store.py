@@ -30,8 +30,8 @@ from sqlalchemy import (
 )
 
 from mailer import events, webhook_endpoints
-from mailer.delivery_store import _is_dead_local_owner
 from mailer.errors import BadInput, NotFound
+from mailer.leases import is_dead_local_owner
 from mailer.models import (
     Event,
     WebhookAttempt,
@@ -111,7 +111,7 @@ class WebhookStore:
                     .distinct()
                 )
             ]
-            gone = [owner for owner in owners if _is_dead_local_owner(owner)]
+            gone = [owner for owner in owners if is_dead_local_owner(owner)]
             if not gone:
                 return 0
             return int(

@@ -25,29 +25,19 @@ request from the contact) turns every link of the person into a 404.
 from __future__ import annotations
 
 import contextlib
-import email.policy
 import json
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
-from functools import cache
 
-from email_validator import EmailNotValidError, validate_email
-from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
 from mailer import privacy
 from mailer.addresses import mask_address
-from mailer.branding import Palette
 from mailer.config import Settings
-from mailer.errors import BadInput, ConfigError, InvalidAddress, MailerError, NotFound
+from mailer.errors import BadInput, MailerError, NotFound
 from mailer.i18n import Language, Translator
-from mailer.message import HeaderInjection
 from mailer.models import (
     Contact,
     IdentityCheck,
@@ -56,7 +46,7 @@ from mailer.models import (
     as_utc,
     utcnow,
 )
-from mailer.recipients import DeliveryContext, Requester, confirmation_sender
+from mailer.recipients import DeliveryContext, Requester, build_transactional_mail
 from mailer.service import Mailer
 from mailer.tokens import (
     ACCESS_DOWNLOAD_MAX_AGE,
@@ -78,7 +68,6 @@ IDENTITY_MAILS_PER_DAY = 3
 DOWNLOAD_OUTCOME = "answered: export (json) via download link"
 EXPORT_FORMAT = "json, download link"  # as the audit log records the hand-over
 
-_HEADER_UNSAFE = re.compile(r"[\r\n\0]")
 
 
 class NoSuchRequest(NotFound):
@@ -192,63 +181,22 @@ async def send_identity_mail(transport: Transport, mail: IdentityMail) -> bool:
     return True
 
 
-@cache
-def _mail_templates() -> Environment:
-    return Environment(
-        loader=PackageLoader("mailer", "templates/pages"),
-        autoescape=select_autoescape(["html"]),
-        undefined=StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-
-
 def build_identity_mail(
     settings: Settings, *, to: str, confirm_url: str, language: Language, now: datetime
 ) -> tuple[str, str, bytes]:
-    """(envelope sender, recipient, message bytes) of the data-copy confirmation mail, in the
-    style of the double opt-in mail: the same sender, `Auto-Submitted: auto-generated`, no
-    List-Unsubscribe (it is no marketing), CR, LF or NUL in a header refused."""
-    name, sender = confirmation_sender(settings)
-    try:
-        recipient = validate_email(to, check_deliverability=False).ascii_email
-    except EmailNotValidError:
-        recipient = None
-    if recipient is None:
-        raise InvalidAddress("the address has a non-ASCII local part: not supported")
+    """The data-copy confirmation mail: the double opt-in mail's sender and rules (no
+    List-Unsubscribe, it is no marketing; CR, LF or NUL in a header refused)."""
     t = Translator(language)
-    subject = t("data_copy.mail.subject", sender=settings.sender_name)
-    for what, value in (("sender name", name), ("recipient", recipient), ("subject", subject)):
-        if _HEADER_UNSAFE.search(value):
-            raise HeaderInjection(f"{what} contains a line break or NUL: refused")
-    try:
-        from_header = Address(display_name=name, addr_spec=sender)
-        to_header = Address(addr_spec=recipient)
-    except (ValueError, IndexError) as exc:
-        raise ConfigError(f"cannot address the data-copy mail: {exc}") from None
-    context = {
-        "t": t,
-        "lang": language,
-        "sender": settings.sender_name,
-        "postal_address": settings.postal_address,
-        "confirm_url": confirm_url,
-        "palette": Palette.from_brand(settings.brand_color),
-    }
-    templates = _mail_templates()
-    message = EmailMessage(policy=email.policy.SMTP)
-    message["From"] = from_header
-    message["To"] = to_header
-    message["Subject"] = subject
-    message["Date"] = format_datetime(now)
-    message["Message-ID"] = make_msgid(domain=from_header.domain or "localhost")
-    message["Auto-Submitted"] = "auto-generated"
-    message.set_content(templates.get_template("data-copy-mail.txt").render(context))
-    message.add_alternative(
-        templates.get_template("data-copy-mail.html").render(context), subtype="html"
+    return build_transactional_mail(
+        settings,
+        to=to,
+        subject=t("data_copy.mail.subject", sender=settings.sender_name),
+        template="data-copy-mail",
+        context={"t": t, "confirm_url": confirm_url},
+        language=language,
+        now=now,
+        what="data-copy mail",
     )
-    message["Content-Language"] = language  # after the content: set_content clears Content-*
-    return sender, recipient, message.as_bytes()
 
 
 # -- the links ----------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
 from functools import cache
 from ipaddress import ip_address
+from typing import Any
 from urllib.parse import urlsplit
 
 from email_validator import EmailNotValidError, validate_email
@@ -773,18 +774,21 @@ def confirmation_sender(settings: Settings) -> tuple[str, str]:
     return name, address
 
 
-def build_confirmation_mail(
+def build_transactional_mail(
     settings: Settings,
     *,
     to: str,
-    confirm_url: str,
-    purposes: Sequence[str],
+    subject: str,
+    template: str,
+    context: dict[str, Any],
     language: Language,
     now: datetime,
+    what: str,
 ) -> tuple[str, str, bytes]:
-    """(envelope sender, recipient, message bytes) of a double opt-in confirmation mail.
+    """(envelope sender, recipient, message bytes) of a mail the person's own action asked for
+    (a double opt-in or data-copy confirmation), rendered from `template`.txt and .html.
 
-    Transactional: no List-Unsubscribe (there is nothing to unsubscribe from yet) and
+    Transactional: no List-Unsubscribe (there is nothing to unsubscribe from) and
     `Auto-Submitted: auto-generated` (RFC 3834). Built with the standard library's
     EmailMessage; CR, LF or NUL in any header value is refused (HeaderInjection).
     """
@@ -792,29 +796,25 @@ def build_confirmation_mail(
     recipient = _ascii_address(to)
     if recipient is None:
         raise InvalidAddress("the address has a non-ASCII local part: not supported")
-    t = Translator(language)
-    subject = t("mail.subject", sender=settings.sender_name)
-    for what, value in (
+    for field, value in (
         ("sender name", name),
         ("sender address", sender),
         ("recipient", recipient),
         ("subject", subject),
     ):
         if _HEADER_UNSAFE.search(value):
-            raise HeaderInjection(f"{what} contains a line break or NUL: refused")
+            raise HeaderInjection(f"{field} contains a line break or NUL: refused")
     try:
         from_header = Address(display_name=name, addr_spec=sender)
         to_header = Address(addr_spec=recipient)
     except (ValueError, IndexError) as exc:
-        raise ConfigError(f"cannot address the confirmation mail: {exc}") from None
+        raise ConfigError(f"cannot address the {what}: {exc}") from None
     context = {
-        "t": t,
         "lang": language,
         "sender": settings.sender_name,
         "postal_address": settings.postal_address,
-        "confirm_url": confirm_url,
-        "purposes": [t.purpose(p) for p in purposes],
         "palette": Palette.from_brand(settings.brand_color),
+        **context,
     }
     templates = _mail_templates()
     message = EmailMessage(policy=email.policy.SMTP)
@@ -824,12 +824,34 @@ def build_confirmation_mail(
     message["Date"] = format_datetime(now)
     message["Message-ID"] = make_msgid(domain=from_header.domain or "localhost")
     message["Auto-Submitted"] = "auto-generated"
-    message.set_content(templates.get_template("confirmation-mail.txt").render(context))
-    message.add_alternative(
-        templates.get_template("confirmation-mail.html").render(context), subtype="html"
-    )
+    message.set_content(templates.get_template(f"{template}.txt").render(context))
+    html = templates.get_template(f"{template}.html").render(context)
+    message.add_alternative(html, subtype="html")
     message["Content-Language"] = language  # after the content: set_content clears Content-*
     return sender, recipient, message.as_bytes()
+
+
+def build_confirmation_mail(
+    settings: Settings,
+    *,
+    to: str,
+    confirm_url: str,
+    purposes: Sequence[str],
+    language: Language,
+    now: datetime,
+) -> tuple[str, str, bytes]:
+    """The double opt-in confirmation mail (see build_transactional_mail)."""
+    t = Translator(language)
+    return build_transactional_mail(
+        settings,
+        to=to,
+        subject=t("mail.subject", sender=settings.sender_name),
+        template="confirmation-mail",
+        context={"t": t, "confirm_url": confirm_url, "purposes": [t.purpose(p) for p in purposes]},
+        language=language,
+        now=now,
+        what="confirmation mail",
+    )
 
 
 # -- the preference centre ---------------------------------------------------------------------

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy.exc import OperationalError
 
+from mailer.cli_support import JsonOption, err, handled, mailer_for, out
 from mailer.config import load_settings, parse_keys, redact_url
-from mailer.errors import MailerError
 from mailer.imports import ImportSummary
 from mailer.models import ConsentStatus, as_utc
 from mailer.repermission import RepermissionResult
@@ -49,56 +46,24 @@ app.add_typer(suppressions_app, name="suppressions")
 app.add_typer(vendors_app, name="vendors")
 app.add_typer(campaign_app, name="campaign")
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def handled(fn: Callable[P, R]) -> Callable[P, R]:
-    """Print MailerErrors (and an unreachable database) as one line with the right exit code."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except MailerError as exc:
-            err.print(f"error: {exc}", markup=False)
-            raise typer.Exit(exc.exit_code) from None
-        except OperationalError as exc:
-            first = str(exc.orig).strip().splitlines()[0] if exc.orig else "operational error"
-            err.print(f"error: database error: {first}", markup=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _mailer(ctx: typer.Context, *, ready: bool = True) -> Mailer:
-    state: dict[str, Any] = ctx.ensure_object(dict)
-    settings = load_settings(dict(os.environ), database_url=state.get("db"))
-    mailer = Mailer(settings)
-    ctx.call_on_close(mailer.close)
-    return mailer.ready() if ready else mailer
-
-
 DbOption = Annotated[
     str | None,
     typer.Option("--db", help="Database URL (default: MAILER_DATABASE_URL, else ./mailer.db)."),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 @app.callback()
 def root(ctx: typer.Context, db: DbOption = None) -> None:
-    ctx.ensure_object(dict)["db"] = db
+    state = ctx.ensure_object(dict)
+    state["db"] = db
+    state["environ"] = dict(os.environ)
 
 
 @app.command()
 @handled
 def init(ctx: typer.Context) -> None:
     """Create the database schema, or upgrade it; safe to run again."""
-    mailer = _mailer(ctx, ready=False)
+    mailer = mailer_for(ctx, ready=False)
     result = mailer.init()
     where = redact_url(mailer.settings.database_url)
     if result.revision_before == result.revision_after:
@@ -166,7 +131,7 @@ def contacts_import(
     as_json: JsonOption = False,
 ) -> None:
     """Import contacts; consent only where a row carries complete evidence."""
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     summary = mailer.import_contacts(
         file, vendor=vendor, attestation=attestation, strict=strict, rejects=rejects
     )
@@ -196,7 +161,7 @@ def contacts_show(
     as_json: JsonOption = False,
 ) -> None:
     """Show a contact, its current consent per purpose and its full consent history."""
-    view = _mailer(ctx).show_contact(email)
+    view = mailer_for(ctx).show_contact(email)
     contact = view.contact
     if as_json:
         payload = {
@@ -316,7 +281,7 @@ def _consent_command(
     note: str | None,
     status: ConsentStatus,
 ) -> None:
-    change = _mailer(ctx).record_consent(email, purpose, status, source=source, note=note)
+    change = mailer_for(ctx).record_consent(email, purpose, status, source=source, note=note)
     verb = "granted" if status is ConsentStatus.GRANTED else "withdrawn"
     created = " (new contact)" if change.contact_created else ""
     out.print(
@@ -370,7 +335,7 @@ def suppress(
 ) -> None:
     """Put an address on the suppression list: it is never mailed again."""
     parsed = parse_reason(reason)
-    result = _mailer(ctx).suppress(email, parsed, note)
+    result = mailer_for(ctx).suppress(email, parsed, note)
     if result.created:
         out.print(f"Suppressed ({parsed.value}).")
     else:
@@ -387,7 +352,7 @@ def suppressions_list(
     as_json: JsonOption = False,
 ) -> None:
     """List suppressions. Addresses are kept only as keyed hashes, so hashes are shown."""
-    rows = _mailer(ctx).suppressions(parse_reason(reason) if reason else None)
+    rows = mailer_for(ctx).suppressions(parse_reason(reason) if reason else None)
     if as_json:
         payload = [
             {
@@ -424,7 +389,7 @@ def suppressions_list(
 @handled
 def vendors_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Attestations with the imports, contacts and consents that rest on them."""
-    rows = _mailer(ctx).vendors()
+    rows = mailer_for(ctx).vendors()
     if as_json:
         payload = [
             {
@@ -487,7 +452,7 @@ def vendors_revoke(
     reason: Annotated[str, typer.Option(help="Why the attestation no longer holds.")],
 ) -> None:
     """Withdraw every consent an attestation granted (new ledger rows; nothing is deleted)."""
-    count = _mailer(ctx).revoke_attestation(attestation_id, reason)
+    count = mailer_for(ctx).revoke_attestation(attestation_id, reason)
     out.print(f"Revoked attestation {attestation_id}: withdrew {count} consents it had granted.")
 
 
@@ -609,7 +574,7 @@ def campaign_send(
     ] = False,
 ) -> None:
     """Send a campaign to everyone the consent gate lets through, exactly once each."""
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     campaigns = CampaignService(mailer)
     if repermission:
         asked = asyncio.run(_repermission(mailer, file, smtp or mailer.settings.smtp_url))
@@ -730,7 +695,7 @@ def campaign_preview(
     ] = None,
 ) -> None:
     """Render the message one contact would get, as an .eml file, or say why they get none."""
-    preview = CampaignService(_mailer(ctx)).preview(file, to)
+    preview = CampaignService(mailer_for(ctx)).preview(file, to)
     if preview.message is None:
         out.print(
             f"{preview.email} would not receive this campaign: {preview.excluded_reason}",
@@ -750,7 +715,7 @@ def campaign_report(
     as_json: JsonOption = False,
 ) -> None:
     """Sent, failed, uncertain, excluded by reason, and engagement (humans and machines apart)."""
-    report = CampaignService(_mailer(ctx)).report(name)
+    report = CampaignService(mailer_for(ctx)).report(name)
     if as_json:
         out.print(json.dumps(report, indent=2), markup=False)
     else:
@@ -758,7 +723,7 @@ def campaign_report(
 
 
 def _status_command(ctx: typer.Context, name: str, action: str) -> None:
-    before, after = CampaignService(_mailer(ctx)).set_status(name, action)
+    before, after = CampaignService(mailer_for(ctx)).set_status(name, action)
     out.print(f"Campaign {name}: {before.value} -> {after.value}.", markup=False)
     if action == "resume":
         out.print("Run `mailer campaign send FILE` to continue sending.")
@@ -843,7 +808,7 @@ def serve(
     """Serve the tracking app (pixel, click, unsubscribe, confirm, preferences) under uvicorn."""
     from mailer.tracking.app import serve as run_server
 
-    _mailer(ctx).close()  # the database and keys are checked before any worker starts
+    mailer_for(ctx).close()  # the database and keys are checked before any worker starts
     db = ctx.ensure_object(dict).get("db")
     if db:
         os.environ["MAILER_DATABASE_URL"] = db  # what the workers' settings are built from
@@ -887,7 +852,7 @@ def keys_rotate(ctx: typer.Context) -> None:
     hashes)."""
     import secrets
 
-    settings = _mailer(ctx).settings
+    settings = mailer_for(ctx).settings
     key = secrets.token_urlsafe(48)
     keys = [*settings.secret_keys, key]
     key_file = settings.key_file

@@ -1,57 +1,31 @@
 """`mailer inbound process|serve`: bounces, complaints and mailto unsubscribes in, thin.
 
 Registered in mailer.cli with `app.add_typer(...)`; the shared pieces (error handling, the
-Mailer from the environment, the console) are looked up in mailer.cli when a command runs.
+Mailer for a command, the consoles) come from mailer.cli_support.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from mailer.cli_support import handled, mailer_for, print_line
 from mailer.inbound_files import ItemReport, RunReport, process_path
 from mailer.inbound_smtp import DEFAULT_PORT, InboundSmtpServer, check_host, serve_until
 
 if TYPE_CHECKING:
     from mailer.inbound import InboundResult
-    from mailer.service import Mailer
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 inbound_app = typer.Typer(
     help="Bounces, complaints and mailto unsubscribes: from a mailbox or over SMTP.",
     no_args_is_help=True,
 )
-
-
-def handled(fn: Callable[P, R]) -> Callable[P, R]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from mailer import cli
-
-        return cli.handled(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-def _mailer(ctx: typer.Context) -> Mailer:
-    from mailer import cli
-
-    return cli._mailer(ctx)
-
-
-def _print(text: str) -> None:
-    from mailer import cli
-
-    cli.out.print(text, markup=False)
 
 
 def _line(item: ItemReport) -> str:
@@ -76,14 +50,14 @@ def process(
 
     Mails not understood are reported and moved aside. Exit 0 when the run completed.
     """
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     report = process_path(
-        mailer, path, limit=limit, on_item=None if as_json else lambda i: _print(_line(i))
+        mailer, path, limit=limit, on_item=None if as_json else lambda i: print_line(_line(i))
     )
     if as_json:
-        _print(json.dumps(_as_json(report), indent=2))
+        print_line(json.dumps(_as_json(report), indent=2))
     else:
-        _print(_summary(report))
+        print_line(_summary(report))
     if not report.complete:
         raise typer.Exit(1)
 
@@ -130,13 +104,13 @@ def serve(
 ) -> None:
     """Receive bounces, complaints and mailto unsubscribes over SMTP (Ctrl-C stops)."""
     check_host(host, allow_remote)
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
 
     def report(result: InboundResult) -> None:
-        _print(f"{result.kind} {result.outcome}: {result.detail}")
+        print_line(f"{result.kind} {result.outcome}: {result.detail}")
 
     def ready(server: InboundSmtpServer) -> None:
-        _print(f"Listening for inbound mail on {server.host}:{server.port}; Ctrl-C stops.")
+        print_line(f"Listening for inbound mail on {server.host}:{server.port}; Ctrl-C stops.")
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -147,4 +121,4 @@ def serve(
         await serve_until(server, stop, ready)
 
     asyncio.run(run())
-    _print("Stopped.")
+    print_line("Stopped.")

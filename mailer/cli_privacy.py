@@ -1,18 +1,15 @@
 """`mailer privacy|retention|policy|audit`: the privacy officer's commands, thin as the rest.
 
-Registered in mailer.cli with `app.add_typer(...)`. The shared pieces of the CLI (the error
-handler, the Mailer built from the environment, the consoles) are looked up in mailer.cli when
-a command runs, so this module can be imported before or after it.
+Registered in mailer.cli with `app.add_typer(...)`; the shared pieces (error handling, the
+Mailer for a command, the consoles) come from mailer.cli_support.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -20,16 +17,14 @@ from rich.table import Table
 from mailer import audit as audit_log
 from mailer import policy, privacy, retention
 from mailer.addresses import address_hash, normalise_address
+from mailer.cli_support import JsonOption, handled, mailer_for, out, print_line, when_text
 from mailer.errors import BadInput
 from mailer.models import as_utc, utcnow
 
 if TYPE_CHECKING:
-    from rich.console import Console
 
-    from mailer.service import Mailer
+    pass
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 privacy_app = typer.Typer(
     help="Access, correction and erasure requests (answer within 30 days).", no_args_is_help=True
@@ -38,39 +33,16 @@ retention_app = typer.Typer(help="Delete what is kept longer than needed.", no_a
 policy_app = typer.Typer(help="Versions of the privacy statement.", no_args_is_help=True)
 audit_app = typer.Typer(help="Who changed consent, suppressions, contacts and attestations.")
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
-def handled(fn: Callable[P, R]) -> Callable[P, R]:
-    """mailer.cli's error handling (one line, the right exit code), looked up at call time."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from mailer import cli
-
-        return cli.handled(fn)(*args, **kwargs)
-
-    return wrapper
 
 
-def _mailer(ctx: typer.Context) -> Mailer:
-    from mailer import cli
-
-    return cli._mailer(ctx)
 
 
-def _out() -> Console:
-    from mailer import cli
-
-    return cli.out
 
 
-def _print(text: str) -> None:
-    _out().print(text, markup=False)
 
 
-def _when(value: datetime | None) -> str:
-    return "" if value is None else as_utc(value).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _day(value: datetime | None) -> str:
@@ -105,7 +77,7 @@ def privacy_export(
     fmt = fmt.strip().lower()
     if fmt not in ("json", "csv"):
         raise BadInput(f"--format {fmt!r}: choose json or csv")
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     document = privacy.export(mailer, email)
     target = output
     if fmt == "csv":
@@ -116,14 +88,14 @@ def privacy_export(
     elif target is not None:
         privacy.write_json(document, target)
     else:
-        _print(json.dumps(document, indent=2, ensure_ascii=False))
+        print_line(json.dumps(document, indent=2, ensure_ascii=False))
     answered = privacy.record_export(mailer, email, fmt)
     message = f"Exported the data held about {document['contact']['email']}"
     message += f" to {target}." if target is not None else "."
     if answered:
         message += f" Answered access request(s) {', '.join(f'#{i}' for i in answered)}."
     if target is not None:
-        _print(message)
+        print_line(message)
     else:
         typer.echo(message, err=True)  # stdout holds the JSON document only
 
@@ -137,7 +109,7 @@ def privacy_erase(
 ) -> None:
     """Erase the person from every table in one transaction; the address stays suppressed (as a
     keyed hash, reason `erased`) so a re-import never mails them. Cannot be undone."""
-    report = privacy.erase(_mailer(ctx), email)
+    report = privacy.erase(mailer_for(ctx), email)
     if as_json:
         payload = {
             "erasure_id": report.erasure_id,
@@ -145,16 +117,16 @@ def privacy_erase(
             "removed": report.removed,
             "suppressed_now": report.suppressed_now,
         }
-        _print(json.dumps(payload, indent=2))
+        print_line(json.dumps(payload, indent=2))
         return
     table = Table(title=f"Erased (erasure {report.erasure_id})", show_header=False)
     table.add_column("what")
     table.add_column("removed", justify="right")
     for what, count in report.removed.items():
         table.add_row(what.replace("_", " "), str(count))
-    _out().print(table)
+    out.print(table)
     kept = "is now suppressed" if report.suppressed_now else "was already suppressed as erased"
-    _print(
+    print_line(
         f"The address {kept} (keyed hash {report.address_hash[:16]}...): it is never mailed "
         "again, also not after a re-import. Campaign reports keep its counts anonymously."
     )
@@ -175,14 +147,14 @@ def privacy_correct(
     ],
 ) -> None:
     """Correct a contact's name, locale or attributes (recorded in the audit log)."""
-    result = privacy.correct(_mailer(ctx), email, assignments)
+    result = privacy.correct(mailer_for(ctx), email, assignments)
     if result.changed:
-        _print(f"Corrected {', '.join(result.changed)} of {result.email}.")
+        print_line(f"Corrected {', '.join(result.changed)} of {result.email}.")
     if result.unchanged:
-        _print(f"Already so: {', '.join(result.unchanged)}.")
+        print_line(f"Already so: {', '.join(result.unchanged)}.")
     if result.requests_completed:
         done = ", ".join(f"#{i}" for i in result.requests_completed)
-        _print(f"Answered correction request(s) {done}.")
+        print_line(f"Answered correction request(s) {done}.")
 
 
 @privacy_app.command("request")
@@ -209,7 +181,7 @@ def privacy_request(
         else None
     )
     row = privacy.record_request(
-        _mailer(ctx),
+        mailer_for(ctx),
         email,
         kind,
         channel=channel,
@@ -218,7 +190,7 @@ def privacy_request(
         received_at=received_at,
     )
     check = "identity verified" if verified else "identity check pending (`mailer privacy verify`)"
-    _print(f"Registered {row.kind} request #{row.id}, due {_day(row.due_at)}; {check}.")
+    print_line(f"Registered {row.kind} request #{row.id}, due {_day(row.due_at)}; {check}.")
 
 
 @privacy_app.command("requests")
@@ -231,7 +203,7 @@ def privacy_requests(
     as_json: JsonOption = False,
 ) -> None:
     """The requests register: received, identity check, due date; overdue ones stand out."""
-    views = privacy.list_requests(_mailer(ctx), open_only=open_only)
+    views = privacy.list_requests(mailer_for(ctx), open_only=open_only)
     now = utcnow()
     if as_json:
         payload = [
@@ -244,10 +216,10 @@ def privacy_requests(
             }
             for v in views
         ]
-        _print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print_line(json.dumps(payload, indent=2, ensure_ascii=False))
         return
     if not views:
-        _print("No open requests." if open_only else "No requests registered.")
+        print_line("No open requests." if open_only else "No requests registered.")
         return
     table = Table(title="Privacy requests")
     for column in ("#", "kind", "who", "received", "identity", "due", "state", "channel"):
@@ -272,17 +244,17 @@ def privacy_requests(
             r.channel,
             style="bold red" if late else None,
         )
-    _out().print(table)
+    out.print(table)
     if overdue:
-        _print(f"{overdue} request(s) overdue: the answer is late (30 days from receipt).")
+        print_line(f"{overdue} request(s) overdue: the answer is late (30 days from receipt).")
 
 
 @privacy_app.command("verify")
 @handled
 def privacy_verify(ctx: typer.Context, request_id: int) -> None:
     """Record that the requester's identity was checked."""
-    row = privacy.verify_request(_mailer(ctx), request_id)
-    _print(f"Request #{row.id}: identity verified; due {_day(row.due_at)}.")
+    row = privacy.verify_request(mailer_for(ctx), request_id)
+    print_line(f"Request #{row.id}: identity verified; due {_day(row.due_at)}.")
 
 
 @privacy_app.command("complete")
@@ -293,8 +265,8 @@ def privacy_complete(
     outcome: Annotated[str, typer.Option(help="How it was answered (kept with the request).")],
 ) -> None:
     """Close a request answered outside mailer (export, correct and erase close their own)."""
-    row = privacy.complete_request(_mailer(ctx), request_id, outcome)
-    _print(f"Request #{row.id} completed: {row.outcome}.")
+    row = privacy.complete_request(mailer_for(ctx), request_id, outcome)
+    print_line(f"Request #{row.id} completed: {row.outcome}.")
 
 
 # -- retention -----------------------------------------------------------------------------------
@@ -313,9 +285,9 @@ def retention_purge(
     as_json: JsonOption = False,
 ) -> None:
     """Delete what is past its retention period (safe to run from cron)."""
-    report = retention.purge(_mailer(ctx), dry_run=dry_run, batch_size=batch_size)
+    report = retention.purge(mailer_for(ctx), dry_run=dry_run, batch_size=batch_size)
     if as_json:
-        _print(json.dumps(report.as_dict(), indent=2))
+        print_line(json.dumps(report.as_dict(), indent=2))
         return
     periods, cutoffs = report.periods, report.cutoffs
     verb = "due" if dry_run else "done"
@@ -358,9 +330,9 @@ def retention_purge(
         _day(cutoffs.dead_letters),
         str(report.dead_letters),
     )
-    _out().print(table)
+    out.print(table)
     for note in report.notes:
-        _print(f"note: {note}")
+        print_line(f"note: {note}")
 
 
 # -- policy --------------------------------------------------------------------------------------
@@ -380,7 +352,7 @@ def policy_publish(
     ] = None,
 ) -> None:
     """Publish a version of the privacy statement."""
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     effective_on = _parse_date(effective, "--effective")
     with mailer.session() as session:
         row = policy.publish(
@@ -391,11 +363,11 @@ def policy_publish(
             summary=summary,
             operator=mailer.settings.operator,
         )
-    _print(f"Published policy version {row.version}, effective {row.effective_on.isoformat()}.")
+    print_line(f"Published policy version {row.version}, effective {row.effective_on.isoformat()}.")
     if row.material:
         until = as_utc(row.published_at) + policy.NOTICE_WINDOW
-        _print(f"Recipient pages show the notice of this material change until {_day(until)}.")
-    _print(
+        print_line(f"Recipient pages show the notice of this material change until {_day(until)}.")
+    print_line(
         f'Campaigns with min_policy_version = "{row.version}" leave out consent given under '
         "older versions (policy_outdated)."
     )
@@ -405,7 +377,7 @@ def policy_publish(
 @handled
 def policy_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Published versions, oldest first, and the notice shown now (if any)."""
-    with _mailer(ctx).session() as session:
+    with mailer_for(ctx).session() as session:
         rows = policy.versions(session)
         notice = policy.current_notice(session)
     if as_json:
@@ -430,10 +402,10 @@ def policy_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
                 "nl": policy.notice_text(notice, "nl"),
             },
         }
-        _print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print_line(json.dumps(payload, indent=2, ensure_ascii=False))
         return
     if not rows:
-        _print("No policy versions published.")
+        print_line("No policy versions published.")
         return
     table = Table(title="Privacy statement versions")
     for column in ("version", "effective", "published", "material", "summary", "by"):
@@ -447,9 +419,9 @@ def policy_list(ctx: typer.Context, as_json: JsonOption = False) -> None:
             r.summary or "",
             r.operator,
         )
-    _out().print(table)
+    out.print(table)
     if notice is not None:
-        _print(f"Notice shown until {_day(notice.until)}: {policy.notice_text(notice, 'en')}")
+        print_line(f"Notice shown until {_day(notice.until)}: {policy.notice_text(notice, 'en')}")
 
 
 # -- audit ---------------------------------------------------------------------------------------
@@ -480,7 +452,7 @@ def audit(
     as_json: JsonOption = False,
 ) -> None:
     """The operator audit log, newest first."""
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     subject = (
         address_hash(normalise_address(email), mailer.settings.suppression_key) if email else None
     )
@@ -498,16 +470,16 @@ def audit(
             }
             for e in entries
         ]
-        _print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print_line(json.dumps(payload, indent=2, ensure_ascii=False))
         return
     if not entries:
-        _print("No audit entries.")
+        print_line("No audit entries.")
         return
     for e in entries:  # one line each: readable in a narrow terminal, and greppable
         subject_text = e.subject or "-"
         if len(subject_text) == 64:
             subject_text = f"hash:{subject_text[:12]}"
-        _print(
-            f"#{e.id} {_when(e.at)} {e.operator} {e.action} {subject_text} "
+        print_line(
+            f"#{e.id} {when_text(e.at)} {e.operator} {e.action} {subject_text} "
             f"{_details(e.details)}".rstrip()
         )

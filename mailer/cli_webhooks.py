@@ -1,26 +1,24 @@
 """`mailer webhooks ...`: endpoints, the dispatcher, deliveries and replay; thin as the rest.
 
-Registered in mailer.cli with `app.add_typer(...)`. The shared pieces of the CLI (the error
-handler, the Mailer built from the environment, the consoles) are looked up in mailer.cli when
-a command runs, so this module can be imported before or after it.
+Registered in mailer.cli with `app.add_typer(...)`; the shared pieces (error handling, the
+Mailer for a command, the consoles) come from mailer.cli_support.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from mailer import webhook_endpoints, webhook_store
+from mailer.cli_support import JsonOption, handled, iso_text, mailer_for, out, print_line, when_text
 from mailer.errors import BadInput, NotFound
-from mailer.models import as_utc, utcnow
+from mailer.models import utcnow
 from mailer.webhook_dispatch import (
     MAX_BATCH,
     MAX_CONCURRENCY,
@@ -30,59 +28,18 @@ from mailer.webhook_dispatch import (
 )
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    pass
 
-    from mailer.service import Mailer
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 webhooks_app = typer.Typer(
     help="Signed event webhooks: endpoints, the dispatcher, deliveries and replay.",
     no_args_is_help=True,
 )
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 EndpointArg = Annotated[str, typer.Argument(help="The endpoint id (ep_...).")]
 
 _DURATION = re.compile(r"(\d+)\s*([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def handled(fn: Callable[P, R]) -> Callable[P, R]:
-    """mailer.cli's error handling (one line, the right exit code), looked up at call time."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from mailer import cli
-
-        return cli.handled(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-def _mailer(ctx: typer.Context) -> Mailer:
-    from mailer import cli
-
-    return cli._mailer(ctx)
-
-
-def _out() -> Console:
-    from mailer import cli
-
-    return cli.out
-
-
-def _print(text: str) -> None:
-    _out().print(text, markup=False)
-
-
-def _when(value: datetime | None) -> str:
-    return "" if value is None else as_utc(value).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else as_utc(value).isoformat().replace("+00:00", "Z")
 
 
 def parse_duration(raw: str, option: str) -> timedelta:
@@ -131,7 +88,7 @@ def add(
     ] = None,
 ) -> None:
     """Add an endpoint. Prints its id and its signing secret: the secret is shown only now."""
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     view, secret = webhook_endpoints.add(
         mailer.engine,
         url,
@@ -139,10 +96,10 @@ def add(
         allow_private=mailer.settings.webhook_allow_private,
         description=description,
     )
-    _print(f"Added webhook endpoint {view.uid} for {view.url}")
-    _print(f"events: {', '.join(view.events)}")
-    _print(f"secret: {secret}")
-    _print(
+    print_line(f"Added webhook endpoint {view.uid} for {view.url}")
+    print_line(f"events: {', '.join(view.events)}")
+    print_line(f"secret: {secret}")
+    print_line(
         "Keep the secret where the consumer verifies signatures; it is not shown again "
         "(`mailer webhooks rotate-secret` makes a new one). Events from now on are delivered; "
         "earlier ones with `mailer webhooks replay --since TIME`."
@@ -157,8 +114,8 @@ def _endpoint_dict(view: webhook_endpoints.EndpointView) -> dict[str, Any]:
         "events": view.events,
         "enabled": view.enabled,
         "disabled_reason": view.disabled_reason,
-        "created_at": _iso(view.created_at),
-        "previous_secret_until": _iso(view.previous_secret_until),
+        "created_at": iso_text(view.created_at),
+        "previous_secret_until": iso_text(view.previous_secret_until),
         "pending": view.pending,
         "delivered": view.delivered,
         "dead": view.dead,
@@ -169,12 +126,12 @@ def _endpoint_dict(view: webhook_endpoints.EndpointView) -> dict[str, Any]:
 @handled
 def list_endpoints(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Endpoints with their events, state and delivery counts (never their secrets)."""
-    views = webhook_endpoints.list_endpoints(_mailer(ctx).engine)
+    views = webhook_endpoints.list_endpoints(mailer_for(ctx).engine)
     if as_json:
-        _print(json.dumps([_endpoint_dict(v) for v in views], indent=2, ensure_ascii=False))
+        print_line(json.dumps([_endpoint_dict(v) for v in views], indent=2, ensure_ascii=False))
         return
     if not views:
-        _print("No webhook endpoints (`mailer webhooks add URL --events ...`).")
+        print_line("No webhook endpoints (`mailer webhooks add URL --events ...`).")
         return
     table = Table(title="Webhook endpoints")
     table.add_column("id", no_wrap=True)
@@ -185,7 +142,7 @@ def list_endpoints(ctx: typer.Context, as_json: JsonOption = False) -> None:
     for v in views:
         state = "enabled" if v.enabled else f"disabled: {v.disabled_reason or ''}"
         if v.previous_secret_until is not None and v.previous_secret_until > utcnow():
-            state += f" (old secret signs until {_when(v.previous_secret_until)})"
+            state += f" (old secret signs until {when_text(v.previous_secret_until)})"
         table.add_row(
             v.uid,
             v.url,
@@ -195,7 +152,7 @@ def list_endpoints(ctx: typer.Context, as_json: JsonOption = False) -> None:
             str(v.delivered),
             str(v.dead),
         )
-    _out().print(table)
+    out.print(table)
 
 
 @webhooks_app.command("disable")
@@ -206,8 +163,8 @@ def disable(
     reason: Annotated[str | None, typer.Option("--reason", help="Kept with the endpoint.")] = None,
 ) -> None:
     """Pause an endpoint: nothing is sent to it and new events are not queued for it."""
-    view = webhook_endpoints.set_enabled(_mailer(ctx).engine, endpoint, False, reason)
-    _print(
+    view = webhook_endpoints.set_enabled(mailer_for(ctx).engine, endpoint, False, reason)
+    print_line(
         f"Disabled {view.uid} ({view.url}); {view.pending} deliveries wait. Events from now "
         "until it is enabled again come back with `mailer webhooks replay --since TIME`."
     )
@@ -217,17 +174,17 @@ def disable(
 @handled
 def enable(ctx: typer.Context, endpoint: EndpointArg) -> None:
     """Resume an endpoint: waiting deliveries go out, new events are queued for it again."""
-    view = webhook_endpoints.set_enabled(_mailer(ctx).engine, endpoint, True)
-    _print(f"Enabled {view.uid} ({view.url}); {view.pending} deliveries waiting to go out.")
+    view = webhook_endpoints.set_enabled(mailer_for(ctx).engine, endpoint, True)
+    print_line(f"Enabled {view.uid} ({view.url}); {view.pending} deliveries waiting to go out.")
 
 
 @webhooks_app.command("remove")
 @handled
 def remove(ctx: typer.Context, endpoint: EndpointArg) -> None:
     """Delete an endpoint with its deliveries and their attempts (the events stay)."""
-    view = webhook_endpoints.remove(_mailer(ctx).engine, endpoint)
+    view = webhook_endpoints.remove(mailer_for(ctx).engine, endpoint)
     total = view.pending + view.delivered + view.dead
-    _print(f"Removed {view.uid} ({view.url}) and its {total} deliveries.")
+    print_line(f"Removed {view.uid} ({view.url}) and its {total} deliveries.")
 
 
 @webhooks_app.command("rotate-secret")
@@ -244,16 +201,16 @@ def rotate_secret(
 ) -> None:
     """A new signing secret, printed once; the old one signs beside it during the grace period."""
     period = parse_duration(grace, "--grace")
-    view, secret = webhook_endpoints.rotate_secret(_mailer(ctx).engine, endpoint, period)
-    _print(f"New secret for {view.uid} ({view.url}):")
-    _print(f"secret: {secret}")
+    view, secret = webhook_endpoints.rotate_secret(mailer_for(ctx).engine, endpoint, period)
+    print_line(f"New secret for {view.uid} ({view.url}):")
+    print_line(f"secret: {secret}")
     if view.previous_secret_until is not None:
-        _print(
+        print_line(
             "Deliveries carry signatures with the old and the new secret until "
-            f"{_when(view.previous_secret_until)}: switch the consumer over before then."
+            f"{when_text(view.previous_secret_until)}: switch the consumer over before then."
         )
     else:
-        _print("The old secret no longer signs.")
+        print_line("The old secret no longer signs.")
 
 
 # -- deliveries ----------------------------------------------------------------------------------
@@ -264,22 +221,22 @@ def _delivery_dict(d: webhook_store.DeliveryView) -> dict[str, Any]:
         "id": d.id,
         "event_id": d.event_uid,
         "event_type": d.event_type,
-        "occurred_at": _iso(d.occurred_at),
+        "occurred_at": iso_text(d.occurred_at),
         "endpoint": d.endpoint_uid,
         "status": d.status,
         "attempts": d.attempts,
         "last_status_code": d.last_status_code,
         "last_error": d.last_error,
-        "last_attempt_at": _iso(d.last_attempt_at),
-        "next_attempt_at": _iso(d.next_attempt_at),
-        "delivered_at": _iso(d.delivered_at),
-        "dead_at": _iso(d.dead_at),
+        "last_attempt_at": iso_text(d.last_attempt_at),
+        "next_attempt_at": iso_text(d.next_attempt_at),
+        "delivered_at": iso_text(d.delivered_at),
+        "dead_at": iso_text(d.dead_at),
     }
 
 
 def _attempt_dict(a: webhook_store.AttemptView) -> dict[str, Any]:
     return {
-        "attempted_at": _iso(a.attempted_at),
+        "attempted_at": iso_text(a.attempted_at),
         "status_code": a.status_code,
         "response": a.response,
         "error": a.error,
@@ -314,7 +271,7 @@ def deliveries(
 ) -> None:
     """Deliveries, newest first: event, endpoint, status, attempts, last answer, next attempt.
     With --id, each attempt with the start of the consumer's response."""
-    engine = _mailer(ctx).engine
+    engine = mailer_for(ctx).engine
     delivery_id: int | None = None
     event_uid: str | None = None
     if delivery is not None:
@@ -344,10 +301,10 @@ def deliveries(
             else _delivery_dict(v)
             for v in views
         ]
-        _print(json.dumps(payload, indent=2, ensure_ascii=False))
+        print_line(json.dumps(payload, indent=2, ensure_ascii=False))
         return
     if not views:
-        _print("No webhook deliveries match.")
+        print_line("No webhook deliveries match.")
         return
     table = Table(title="Webhook deliveries (newest first)")
     for column in ("#", "event", "type", "endpoint", "status", "tries", "last answer", "next"):
@@ -364,16 +321,18 @@ def deliveries(
             v.status,
             str(v.attempts),
             answer,
-            _when(v.next_attempt_at) if v.status == "pending" else "",
+            when_text(v.next_attempt_at) if v.status == "pending" else "",
         )
-    _out().print(table)
+    out.print(table)
     for v in views if delivery else []:
-        _print(f"Delivery {v.id}: {v.event_uid} ({v.event_type}) to {v.endpoint_uid}, {v.status}")
+        print_line(
+            f"Delivery {v.id}: {v.event_uid} ({v.event_type}) to {v.endpoint_uid}, {v.status}"
+        )
         for number, a in enumerate(detailed[v.id], start=1):
             outcome = str(a.status_code) if a.status_code is not None else (a.error or "")
-            _print(f"  {number}. {_when(a.attempted_at)}  {outcome}  {a.duration_ms} ms")
+            print_line(f"  {number}. {when_text(a.attempted_at)}  {outcome}  {a.duration_ms} ms")
             if a.response:
-                _print(f"     response: {_one_line(a.response, 200)}")
+                print_line(f"     response: {_one_line(a.response, 200)}")
 
 
 @webhooks_app.command("replay")
@@ -399,11 +358,13 @@ def replay(
         raise BadInput("replay: give either --dead or --since TIME")
     if until is not None and since is None:
         raise BadInput("replay: --until needs --since")
-    engine = _mailer(ctx).engine
+    engine = mailer_for(ctx).engine
     now = utcnow()
     if dead:
         count = webhook_store.replay_dead(engine, now, endpoint_uid=endpoint, event_type=event_type)
-        _print(f"Queued {count} dead-lettered deliveries again; `mailer webhooks run` sends them.")
+        print_line(
+            f"Queued {count} dead-lettered deliveries again; `mailer webhooks run` sends them."
+        )
         return
     assert since is not None
     start = parse_time(since, "--since", now)
@@ -411,8 +372,8 @@ def replay(
     count = webhook_store.replay_range(
         engine, now, start, end, endpoint_uid=endpoint, event_type=event_type
     )
-    _print(
-        f"Queued {count} deliveries of events from {_when(start)} to {_when(end or now)}; "
+    print_line(
+        f"Queued {count} deliveries of events from {when_text(start)} to {when_text(end or now)}; "
         "`mailer webhooks run` sends them."
     )
 
@@ -461,7 +422,7 @@ def run(
     """The dispatcher: sends due deliveries, retries with backoff, until Ctrl-C or SIGTERM
     (what is in flight finishes; the rest is released). Run several on PostgreSQL to share
     the work. Exit code 1 when an attempt failed (`mailer webhooks deliveries` says why)."""
-    mailer = _mailer(ctx)
+    mailer = mailer_for(ctx)
     options = DispatchOptions(
         batch=batch,
         concurrency=concurrency,
@@ -474,6 +435,6 @@ def run(
     if not once:
         typer.echo(f"Dispatcher {dispatcher.owner} running; Ctrl-C to stop.", err=True)
     stats = asyncio.run(dispatcher.run(once=once, handle_signals=True))
-    _print(("Done: " if once else "Stopped: ") + _summary(stats) + ".")
+    print_line(("Done: " if once else "Stopped: ") + _summary(stats) + ".")
     if stats.failed:
         raise typer.Exit(1)

@@ -14,8 +14,7 @@ from sqlmodel import select
 
 from mailer.models import Campaign
 from mailer.service import Mailer
-from tests.smtp_server import CaptureServer
-from tests.test_inbound_bounces import (
+from tests.inbound_support import (
     Cli,
     contact_json,
     events_of,
@@ -26,6 +25,7 @@ from tests.test_inbound_bounces import (
     send_to,
     suppression_reasons,
 )
+from tests.smtp_server import CaptureServer
 
 
 @pytest.mark.asyncio

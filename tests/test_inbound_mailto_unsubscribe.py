@@ -16,8 +16,7 @@ import pytest
 from mailer.inbound import Action, InboundResult, Outcome
 from mailer.inbound_smtp import InboundSmtpServer
 from mailer.service import Mailer
-from tests.smtp_server import CaptureServer
-from tests.test_inbound_bounces import (
+from tests.inbound_support import (
     Cli,
     contact_json,
     events_of,
@@ -28,6 +27,7 @@ from tests.test_inbound_bounces import (
     send_to,
     suppression_reasons,
 )
+from tests.smtp_server import CaptureServer
 
 
 @pytest.mark.asyncio

@@ -21,8 +21,10 @@ command (`wrk -t2 -c64 --latency`, a Lua script choosing a random token per requ
 
 Printed: requests/s, p99 latency, wrk's errors, the ratios to the bare app and to nginx, the
 load average, and events written against requests answered (nothing may be lost: every
-answered request must have its engagement event, and its message.opened or message.clicked
-in the outbox, once the server has shut down). Nothing is asserted on time.
+answered request must have its engagement event once the server has shut down, and its
+message.opened or message.clicked in the outbox once they are announced, as the webhook
+dispatcher does, right after). Announcing is timed too: the outbox's cost, moved from the
+server to the dispatcher, in rows a second. Nothing is asserted on time.
 """
 
 from __future__ import annotations
@@ -351,6 +353,22 @@ def prepare(database_url: str, folder: Path) -> dict[str, list[str]]:
     return found
 
 
+def announce_recorded(database_url: str, folder: Path) -> float:
+    """Announce every open and click recorded (as `mailer webhooks run` does, without the settle
+    delay: the server has stopped); returns the seconds it took."""
+    from mailer.config import load_settings
+    from mailer.engagement_announce import announce_engagement
+    from mailer.service import Mailer
+
+    mailer = Mailer(load_settings(environment(database_url), cwd=folder))
+    try:
+        started = time.perf_counter()
+        announce_engagement(mailer.engine, settle=timedelta(0))
+        return time.perf_counter() - started
+    finally:
+        mailer.close()
+
+
 def event_count(database_url: str, folder: Path) -> tuple[int, int]:
     """Engagement events, and the outbox events announcing opens and clicks."""
     from sqlalchemy import func, select
@@ -385,10 +403,16 @@ class EventCheck:
     requests: int
     events: int
     announced: int  # outbox events (message.opened / message.clicked)
+    announce_seconds: float = 0.0  # announcing them after shutdown (the dispatcher's work)
 
     @property
     def lost(self) -> int:
         return max(self.requests - min(self.events, self.announced), 0)
+
+    @property
+    def announce_rate(self) -> float:
+        """Rows announced a second: the outbox's cost, now the dispatcher's."""
+        return self.announced / self.announce_seconds if self.announce_seconds else 0.0
 
 
 @dataclass
@@ -420,17 +444,19 @@ def run_mailer(
             runs, warmed = measure(label, workers, port, paths, script, args.duration, args.warmup)
         finally:
             stop(server)  # SIGTERM: each worker writes what it still holds, then exits
+        seconds = announce_recorded(database_url, folder)
         after = event_count(database_url, folder)
         written, announced = after[0] - before[0], after[1] - before[1]
         answered = sum(r.requests for r in runs) + warmed
         for run in runs:
             run.group = label
         results.runs += runs
-        check = EventCheck(label, workers, answered, written, announced)
+        check = EventCheck(label, workers, answered, written, announced, seconds)
         results.events.append(check)
         print(
             f"  {label:<18} workers={workers} events written {written:,} (outbox {announced:,}) "
-            f"for {answered:,} answered requests (warm-ups included): lost {check.lost}",
+            f"for {answered:,} answered requests (warm-ups included): lost {check.lost}; "
+            f"announced in {seconds:.2f} s, {check.announce_rate:,.0f} rows/s",
             flush=True,
         )
 
@@ -519,7 +545,8 @@ def report(results: Results) -> list[str]:
         lines.append(
             f"{check.server} x{check.workers}: {check.events:,} events written "
             f"({check.announced:,} in the outbox) for {check.requests:,} requests answered "
-            f"(warm-ups included), lost {check.lost}"
+            f"(warm-ups included), lost {check.lost}; announcing (the dispatcher's work) "
+            f"{check.announce_rate:,.0f} rows/s"
         )
     return lines
 
@@ -582,7 +609,9 @@ def main() -> None:
         "connections": CONNECTIONS,
         "duration": args.duration,
         "runs": [asdict(r) for r in results.runs],
-        "events": [{**asdict(c), "lost": c.lost} for c in results.events],
+        "events": [
+            {**asdict(c), "lost": c.lost, "announce_rate": c.announce_rate} for c in results.events
+        ],
         "table": lines,
     }
     (OUT / f"tracking-{stamp}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")

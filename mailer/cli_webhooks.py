@@ -17,6 +17,7 @@ from rich.table import Table
 
 from mailer import webhook_endpoints, webhook_store
 from mailer.cli_support import JsonOption, handled, iso_text, mailer_for, out, print_line, when_text
+from mailer.engagement_announce import ENGAGEMENT_TYPES, announce_engagement
 from mailer.errors import BadInput, NotFound
 from mailer.models import utcnow
 from mailer.webhook_dispatch import (
@@ -353,7 +354,8 @@ def replay(
     event_type: Annotated[str | None, typer.Option("--event-type", help="Only this type.")] = None,
 ) -> None:
     """Queue events again, with their original webhook-id: dead letters (--dead), or every
-    event in a time range, also ones from before an endpoint existed or while it was off."""
+    event in a time range, also ones from before an endpoint existed or while it was off
+    (opens and clicks not yet announced are announced first)."""
     if dead == (since is not None):
         raise BadInput("replay: give either --dead or --since TIME")
     if until is not None and since is None:
@@ -369,6 +371,14 @@ def replay(
     assert since is not None
     start = parse_time(since, "--since", now)
     end = parse_time(until, "--until", now) if until is not None else None
+    if event_type is None or event_type.strip() in ENGAGEMENT_TYPES:
+        # opens and clicks the dispatcher has not announced yet belong in the range too
+        announced = announce_engagement(engine, settle=timedelta(0), now=now)
+        if announced:
+            print_line(
+                f"Announced {announced} opens and clicks first: they are new events, queued "
+                "for every endpoint subscribed to them."
+            )
     count = webhook_store.replay_range(
         engine, now, start, end, endpoint_uid=endpoint, event_type=event_type
     )
@@ -390,6 +400,10 @@ def _summary(stats: DispatchStats) -> str:
         text += f"; disabled after 410 Gone: {', '.join(sorted(stats.disabled))}"
     if stats.released:
         text += f"; {stats.released} claimed but not sent, released"
+    if stats.announced:
+        text += f"; {stats.announced} opens and clicks announced"
+    if stats.announce_failures:
+        text += f"; announcing opens and clicks failed {stats.announce_failures} times (logged)"
     return text
 
 
@@ -419,9 +433,10 @@ def run(
         typer.Option("--poll", min=0.05, max=60, help="Seconds between looks when idle."),
     ] = 1.0,
 ) -> None:
-    """The dispatcher: sends due deliveries, retries with backoff, until Ctrl-C or SIGTERM
-    (what is in flight finishes; the rest is released). Run several on PostgreSQL to share
-    the work. Exit code 1 when an attempt failed (`mailer webhooks deliveries` says why)."""
+    """The dispatcher: announces recorded opens and clicks, sends due deliveries, retries with
+    backoff, until Ctrl-C or SIGTERM (what is in flight finishes; the rest is released). Run
+    several on PostgreSQL to share the work. Exit code 1 when an attempt failed
+    (`mailer webhooks deliveries` says why)."""
     mailer = mailer_for(ctx)
     options = DispatchOptions(
         batch=batch,

@@ -19,10 +19,10 @@ here, when a batch is written, against the database, so it holds across workers:
 
 Such events are flagged, never deleted; reports count them apart.
 
-Every open and click written also becomes an outbox event (`message.opened`,
-`message.clicked`; mailer.events) in the same transaction as its batch, carrying the
-classification known when the batch is written. A click that a later batch shows to be part of
-a burst is flagged in engagement_events (and so in reports) but not announced again.
+Recording writes engagement_events only. The outbox events (`message.opened`,
+`message.clicked`; mailer.events) are written later by the webhook dispatcher
+(mailer.engagement_announce), a few seconds after the hit: the serving process never pays for
+them, and a click that a later batch shows to be part of a burst is announced with that flag.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 
 from mailer import queries
 from mailer.errors import DatabaseError
-from mailer.events import EventType, NewEvent, emit_many
 from mailer.models import Campaign, as_utc
 from mailer.tracking.classify import MachineReason
 
@@ -110,7 +109,7 @@ class RecorderStats:
     reclassified: dict[str, int] = field(default_factory=dict)
 
 
-def _chunks(values: Sequence[int], conn: Connection) -> Iterable[Sequence[int]]:
+def id_chunks(values: Sequence[int], conn: Connection) -> Iterable[Sequence[int]]:
     """The ids in lists a statement can take: all at once as one array on PostgreSQL, else
     _CHUNK at a time."""
     if conn.dialect.name == "postgresql":
@@ -151,7 +150,7 @@ class EngagementRecorder:
         self._stopping = asyncio.Event()
         self._due = asyncio.Event()
         self._facts = _DeliveryFacts()
-        self._campaigns = _CampaignFacts()
+        self._campaigns = CampaignFacts()
 
     @property
     def pending(self) -> int:
@@ -236,10 +235,10 @@ class EngagementRecorder:
             if not rows:
                 return 0, {}
             _insert(conn, rows)
-            campaigns = self._campaigns.get(conn, {row[1] for row in rows})
-            reclassified, flagged = _reclassify(conn, clicks, campaigns) if clicks else ({}, {})
-            emit_many(conn, _events(rows, flagged, campaigns))
-        return len(rows), reclassified
+            if not clicks:
+                return len(rows), {}
+            campaigns = self._campaigns.get(conn, {click.campaign_id for click in clicks})
+            return len(rows), _reclassify(conn, clicks, campaigns)
 
     def _write_each(self, batch: Sequence[_Queued]) -> tuple[int, dict[str, int]]:
         written = 0
@@ -289,7 +288,7 @@ class _DeliveryFacts:
                 missing.append(delivery_id)
         if len(self._cache) + len(missing) > self.limit:
             self._cache.clear()
-        for chunk in _chunks(sorted(missing), conn):
+        for chunk in id_chunks(sorted(missing), conn):
             for row in conn.execute(_delivery_facts(chunk)):
                 handed_over = row.finished_at or row.sending_at
                 at = None if handed_over is None else as_utc(handed_over)
@@ -299,20 +298,21 @@ class _DeliveryFacts:
         return found
 
 
-class _Campaign(NamedTuple):
+class CampaignFact(NamedTuple):
     name: str
     links: tuple[str, ...]
 
 
-class _CampaignFacts:
-    """Each campaign's name and links, for the events: both are written with the campaign and
-    never change, so they are read once per campaign (and the cache is bounded)."""
+class CampaignFacts:
+    """Each campaign's name and links, for the burst rule and for the outbox events
+    (mailer.engagement_announce): both are written with the campaign and never change, so they
+    are read once per campaign (and the cache is bounded)."""
 
     def __init__(self, limit: int = MAX_CACHED_CAMPAIGNS) -> None:
         self.limit = limit
-        self._cache: dict[int, _Campaign] = {}
+        self._cache: dict[int, CampaignFact] = {}
 
-    def get(self, conn: Connection, campaign_ids: Iterable[int]) -> dict[int, _Campaign]:
+    def get(self, conn: Connection, campaign_ids: Iterable[int]) -> dict[int, CampaignFact]:
         wanted = set(campaign_ids)
         missing = sorted(wanted.difference(self._cache))
         if len(self._cache) + len(missing) > self.limit:
@@ -329,13 +329,9 @@ class _CampaignFacts:
                     if position != len(links):  # as LinkCache: trust only a prefix
                         break
                     links.append(url)
-                self._cache[campaign_id] = _Campaign(name, tuple(links))
+                self._cache[campaign_id] = CampaignFact(name, tuple(links))
         cache = self._cache
         return {campaign_id: cache[campaign_id] for campaign_id in wanted if campaign_id in cache}
-
-
-# A click as the database holds it, to find a flagged click among the rows just written.
-_ClickKey = tuple[int, int, datetime]  # delivery id, link position, occurred at (UTC)
 
 
 class _Click(NamedTuple):
@@ -345,6 +341,8 @@ class _Click(NamedTuple):
     at: datetime
 
 
+# `announced` is left to its server default, false: the webhook dispatcher announces the row
+# later (mailer.engagement_announce), and a column less is less to send per row.
 _COLUMNS = (
     "delivery_id",
     "campaign_id",
@@ -394,40 +392,6 @@ def _rows(
     return rows, clicks
 
 
-def _events(
-    rows: Sequence[tuple[Any, ...]],
-    flagged: Mapping[_ClickKey, str],
-    campaigns: Mapping[int, _Campaign],
-) -> list[NewEvent]:
-    """The outbox events of the rows just written (in _COLUMNS order): thin ids, the link of
-    a click, and the classification, never the address or the user agent."""
-    events: list[NewEvent] = []
-    click_kind = queries.CLICK
-    for delivery_id, campaign_id, contact_id, kind, position, at, _, _, machine, reason in rows:
-        data: dict[str, Any] = {
-            "delivery_id": delivery_id,
-            "campaign_id": campaign_id,
-            "contact_id": contact_id,
-        }
-        campaign = campaigns.get(campaign_id)
-        if campaign is not None:
-            data["campaign"] = campaign.name
-        if kind == click_kind:
-            if not machine:
-                reason = flagged.get((delivery_id, position, as_utc(at)))
-                machine = reason is not None
-            data["link_position"] = position
-            if campaign is not None and 0 <= position < len(campaign.links):
-                data["url"] = campaign.links[position]
-            event_type = EventType.MESSAGE_CLICKED
-        else:
-            event_type = EventType.MESSAGE_OPENED
-        data["machine"] = machine
-        data["machine_reason"] = reason
-        events.append(NewEvent(event_type, data, contact_id, at))
-    return events
-
-
 def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """COPY on PostgreSQL; elsewhere multi-row INSERTs straight to the driver,
     ROWS_PER_INSERT rows a statement.
@@ -475,19 +439,19 @@ def _copy(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
 
 
 def _reclassify(
-    conn: Connection, batch_clicks: Sequence[_Click], campaigns: Mapping[int, _Campaign]
-) -> tuple[dict[str, int], dict[_ClickKey, str]]:
+    conn: Connection, batch_clicks: Sequence[_Click], campaigns: Mapping[int, CampaignFact]
+) -> dict[str, int]:
     """Flag the clicks that only several clicks together show to be a machine's: those beside
     a honeypot click, and bursts that click every link of a mail within BURST_WINDOW. Looks at
     the clicks just written together with those already stored (by any worker); one grouped
     query narrows the deliveries down first, so a batch of ordinary clicks costs one query.
-    Returns the count flagged per reason, and the reason of each click flagged (by _ClickKey)."""
+    Returns the count flagged per reason."""
     start = min(click.at for click in batch_clicks)
     end = max(click.at for click in batch_clicks)
     campaign_of = {click.delivery_id: click.campaign_id for click in batch_clicks}
     trapped: list[int] = []  # deliveries with a honeypot click near these clicks
     bursting: list[int] = []  # deliveries with every link clicked near these clicks
-    for chunk in _chunks(sorted(campaign_of), conn):
+    for chunk in id_chunks(sorted(campaign_of), conn):
         for delivery_id, near_trap, positions in conn.execute(_candidates(chunk, start, end)):
             if near_trap:
                 trapped.append(delivery_id)
@@ -495,11 +459,10 @@ def _reclassify(
             if campaign is not None and positions >= max(2, len(campaign.links)):
                 bursting.append(delivery_id)
     if not trapped and not bursting:
-        return {}, {}
+        return {}
 
     flagged: dict[str, set[int]] = defaultdict(set)
-    keys: dict[int, _ClickKey] = {}
-    for chunk in _chunks(trapped, conn):
+    for chunk in id_chunks(trapped, conn):
         query = _clicks_between(chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW)
         by_delivery: dict[int, list[Any]] = defaultdict(list)
         for row in conn.execute(query):
@@ -510,8 +473,7 @@ def _reclassify(
                 at = as_utc(row.occurred_at)
                 if not row.machine and any(abs(at - t) <= HONEYPOT_WINDOW for t in traps):
                     flagged[MachineReason.HONEYPOT_NEIGHBOUR.value].add(row.id)
-                    keys[row.id] = (row.delivery_id, row.link_position, at)
-    for chunk in _chunks(bursting, conn):
+    for chunk in id_chunks(bursting, conn):
         query = _clicks_between(chunk, start - BURST_WINDOW, end + BURST_WINDOW)
         by_delivery = defaultdict(list)
         for row in conn.execute(query):
@@ -522,22 +484,17 @@ def _reclassify(
             for row in _bursts(rows, needed):
                 if not row.machine:
                     flagged[MachineReason.ALL_LINKS_AT_ONCE.value].add(row.id)
-                    at = as_utc(row.occurred_at)
-                    keys[row.id] = (row.delivery_id, row.link_position, at)
 
     counts: dict[str, int] = {}
-    reasons: dict[_ClickKey, str] = {}
     done: set[int] = set()
     for reason, ids in flagged.items():
         fresh = sorted(ids - done)
         done |= ids
-        for chunk in _chunks(fresh, conn):
+        for chunk in id_chunks(fresh, conn):
             conn.execute(_flag_machine(chunk, reason))
         if fresh:
             counts[reason] = len(fresh)
-        for event_id in fresh:
-            reasons[keys[event_id]] = reason
-    return counts, reasons
+    return counts
 
 
 # -- the queries of recording ---------------------------------------------------------------------
@@ -547,7 +504,7 @@ def _reclassify(
 # flush more of the worker's CPU than the database's answers did.
 
 
-def _id_in(column: Any, ids: Sequence[int]) -> Any:
+def id_in(column: Any, ids: Sequence[int]) -> Any:
     if isinstance(ids, _IdArray):
         return column == any_(literal(list(ids), postgresql.ARRAY(Integer)))
     return column.in_(list(ids))
@@ -560,7 +517,7 @@ class _IdArray(list[int]):
 def _delivery_facts(ids: Sequence[int]) -> Any:
     d = queries.deliveries
     return select(d.c.id, d.c.campaign_id, d.c.contact_id, d.c.sending_at, d.c.finished_at).where(
-        _id_in(d.c.id, ids)
+        id_in(d.c.id, ids)
     )
 
 
@@ -584,7 +541,7 @@ def _candidates(ids: Sequence[int], start: datetime, end: datetime) -> Any:
     return (
         select(e.c.delivery_id, trapped, positions)
         .where(
-            _id_in(e.c.delivery_id, ids),
+            id_in(e.c.delivery_id, ids),
             e.c.kind == queries.CLICK,
             e.c.occurred_at >= start - HONEYPOT_WINDOW,
             e.c.occurred_at <= end + HONEYPOT_WINDOW,
@@ -597,7 +554,7 @@ def _candidates(ids: Sequence[int], start: datetime, end: datetime) -> Any:
 def _clicks_between(ids: Sequence[int], start: datetime, end: datetime) -> Any:
     e = queries.engagement_events
     return select(e.c.id, e.c.delivery_id, e.c.link_position, e.c.occurred_at, e.c.machine).where(
-        _id_in(e.c.delivery_id, ids),
+        id_in(e.c.delivery_id, ids),
         e.c.kind == queries.CLICK,
         e.c.occurred_at >= start,
         e.c.occurred_at <= end,
@@ -609,7 +566,7 @@ def _flag_machine(ids: Sequence[int], reason: str) -> Any:
     e = queries.engagement_events
     return (
         update(e)
-        .where(_id_in(e.c.id, ids), e.c.machine.is_(False))
+        .where(id_in(e.c.id, ids), e.c.machine.is_(False))
         .values(machine=True, machine_reason=reason)
     )
 

@@ -10,7 +10,7 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index
+from sqlalchemy import JSON, Boolean, Column, DateTime, Index, column, false, not_
 from sqlmodel import Field, SQLModel
 
 
@@ -252,10 +252,25 @@ class Delivery(SQLModel, table=True):
     )
 
 
+_UNANNOUNCED = not_(column("announced", Boolean))
+
+
 class EngagementEvent(SQLModel, table=True):
-    """An open or a click, kept with its human/machine classification; nothing is deleted."""
+    """An open or a click, kept with its human/machine classification; nothing is deleted.
+    `announced`: its message.opened or message.clicked is in the outbox (written by the webhook
+    dispatcher, mailer.engagement_announce, not when the hit is recorded)."""
 
     __tablename__ = "engagement_events"
+    __table_args__ = (
+        # the rows still to announce (migration 0007); the announcer's query repeats the
+        # condition, as SQLite uses a partial index only then
+        Index(
+            "ix_engagement_events_unannounced",
+            "id",
+            sqlite_where=_UNANNOUNCED,
+            postgresql_where=_UNANNOUNCED,
+        ),
+    )
     id: int | None = Field(default=None, primary_key=True)
     delivery_id: int = Field(foreign_key="deliveries.id")
     campaign_id: int = Field(foreign_key="campaigns.id")
@@ -267,6 +282,9 @@ class EngagementEvent(SQLModel, table=True):
     user_agent: str | None = Field(default=None, max_length=512)
     machine: bool
     machine_reason: str | None = Field(default=None, max_length=64)
+    announced: bool = Field(
+        default=False, sa_column=Column(Boolean, nullable=False, server_default=false())
+    )
 
 
 class SubscriptionStatus(StrEnum):

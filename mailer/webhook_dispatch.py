@@ -9,12 +9,18 @@ A delivery is marked delivered only after its 2xx answer arrived, and only its r
 transaction ends the claim: a dispatcher killed at any point loses nothing, and what it had in
 flight (sent, not yet recorded) is sent again by the next one, with the same webhook-id.
 Several dispatchers, on PostgreSQL, share the work through the claim (SKIP LOCKED).
+
+Before it claims, at most once per `poll` interval, the dispatcher announces the opens and
+clicks the tracking server recorded (mailer.engagement_announce): they become outbox events
+here, off the serving path, and are claimed with the rest. A failure to announce is logged and
+tried again next round; the deliveries already in the outbox go out meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -24,12 +30,15 @@ from datetime import datetime, timedelta
 import httpx
 from sqlalchemy import Engine
 
+from mailer.engagement_announce import announce_engagement
 from mailer.leases import make_owner
 from mailer.models import utcnow
 from mailer.webhook_http import webhook_client
 from mailer.webhook_policy import Verdict, decide
 from mailer.webhook_store import Attempted, Due, WebhookStore
 from mailer.webhooks import signed_headers
+
+logger = logging.getLogger("mailer.webhooks")
 
 RESPONSE_READ_LIMIT = 4096  # bytes of a consumer's answer read (and partly kept) per attempt
 MAX_BATCH = 10_000
@@ -56,6 +65,8 @@ class DispatchStats:
     dead: int = 0
     disabled: set[str] = field(default_factory=set)  # endpoint uids disabled by a 410
     released: int = 0  # claims given back unsent when stopping
+    announced: int = 0  # opens and clicks that became outbox events
+    announce_failures: int = 0  # rounds whose announcing failed (logged; tried again)
 
     @property
     def failed(self) -> int:
@@ -76,6 +87,7 @@ class Dispatcher:
         if not 1 <= options.concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be 1..{MAX_CONCURRENCY}")
         self.options = options
+        self.engine = engine
         self.clock = clock
         self.owner = owner or make_owner()
         self.store = WebhookStore(engine, self.owner, timedelta(seconds=options.lease))
@@ -122,6 +134,9 @@ class Dispatcher:
     async def _claim_loop(
         self, client: httpx.AsyncClient, once: bool, recorder: asyncio.Task[None]
     ) -> None:
+        # announced before the cutoff: --once also sends the opens and clicks recorded so far
+        await self._announce()
+        next_announce = time.monotonic() + self.options.poll
         # --once: only what is due when the run starts (retries it schedules wait for later)
         cutoff = self.clock() if once else None
         tasks: set[asyncio.Task[None]] = set()
@@ -132,6 +147,10 @@ class Dispatcher:
                     # the database went away under the recorder: stop claiming (its error is
                     # raised by run); what was claimed is due again when the leases run out
                     return
+                # not before every claim: a busy loop claims many times a second
+                if not once and time.monotonic() >= next_announce:
+                    await self._announce()
+                    next_announce = time.monotonic() + self.options.poll
                 room = self.options.batch - len(self._outstanding)
                 claimed: list[Due] = []
                 # claim in chunks of at least half a batch: fewer, larger claim transactions
@@ -159,6 +178,17 @@ class Dispatcher:
         finally:
             if tasks:
                 await asyncio.gather(*tasks)
+
+    async def _announce(self) -> None:
+        """Opens and clicks settled by the dispatcher's clock become events. Not fatal: the
+        deliveries already queued need not wait for a database hiccup here."""
+        try:
+            self.stats.announced += await asyncio.to_thread(
+                announce_engagement, self.engine, now=self.clock()
+            )
+        except Exception:
+            self.stats.announce_failures += 1
+            logger.exception("could not announce opens and clicks; will try again next round")
 
     async def _attempt(self, client: httpx.AsyncClient, due: Due) -> None:
         limit = self._per_endpoint.setdefault(

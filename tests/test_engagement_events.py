@@ -1,41 +1,58 @@
-"""Opens and clicks become outbox events (issue 5, invariant 9): written by the recorder's batch
-transaction, one `message.opened` or `message.clicked` per engagement event, flagged as the
-engagement event is, with thin ids and never the IP address or user agent. Through the real
-ASGI app, with links taken from mails that really arrived at an SMTP server."""
+"""Opens and clicks become outbox events (issue 5, invariant 9): the tracking server only records
+them; the webhook dispatcher announces each engagement event once, a few seconds after the hit,
+as one `message.opened` or `message.clicked`, flagged as the engagement event is by then, with
+thin ids and never the IP address or user agent. Through the real ASGI app, with links taken
+from mails that really arrived at an SMTP server, and a real webhook consumer."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections import Counter
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from sqlalchemy import func, insert, select
+from sqlalchemy.exc import OperationalError
 
+from mailer import privacy, webhook_dispatch, webhook_endpoints
+from mailer.db import alembic_config
 from mailer.engagement import HONEYPOT_POSITION, EngagementRecorder, Hit
+from mailer.engagement_announce import ANNOUNCE_SETTLE, announce_engagement
 from mailer.models import (
+    ConsentStatus,
     EngagementEvent,
     Event,
     WebhookDelivery,
     WebhookEndpoint,
     WebhookEndpointEvent,
+    as_utc,
     utcnow,
 )
 from mailer.service import Mailer
+from mailer.webhook_dispatch import Dispatcher, DispatchOptions, deliver_due
+from tests.conftest import CliResult
 from tests.smtp_server import CaptureServer
 from tests.test_tracking_pixel_and_click import (
     HUMAN,
     LINKS,
+    SentMail,
     client_for,
     make_app,
     path_of,
     send_tracked,
 )
+from tests.webhook_consumer import Consumer
 
 ENGAGEMENT_TYPES = ("message.opened", "message.clicked")
 outbox = Event.__table__  # type: ignore[attr-defined]
 engagement = EngagementEvent.__table__  # type: ignore[attr-defined]
+DISPATCH = DispatchOptions(allow_private=True, timeout=3.0, flush=0.01, poll=0.05)
 
 
 def engagement_outbox(mailer: Mailer) -> list[Any]:
@@ -54,10 +71,33 @@ def counts(mailer: Mailer) -> tuple[int, int]:
     return int(announced), int(recorded)
 
 
+def announce_now(mailer: Mailer) -> int:
+    """What the dispatcher does once the settle delay has passed."""
+    return announce_engagement(mailer.engine, settle=timedelta(0))
+
+
 def contact_id_of(mailer: Mailer, email: str) -> int:
     contact_id = mailer.show_contact(email).contact.id
     assert contact_id is not None
     return contact_id
+
+
+def record_opens(mailer: Mailer, sent: SentMail, times: list[datetime]) -> int:
+    """Opens recorded as the tracking server records them, at the given times."""
+    recorder = EngagementRecorder(mailer.engine)
+    for at in times:
+        recorder.record(
+            Hit("open", sent.delivery_id, sent.campaign_id, None, at, None, HUMAN, None)
+        )
+    return asyncio.run(recorder.flush())
+
+
+def later(seconds: float = 2 * ANNOUNCE_SETTLE.total_seconds()) -> Callable[[], datetime]:
+    """A dispatcher clock past the settle delay of the hits just made."""
+    return lambda: utcnow() + timedelta(seconds=seconds)
+
+
+# -- what is announced ----------------------------------------------------------------------------
 
 
 @pytest.mark.asyncio
@@ -72,6 +112,8 @@ async def test_an_open_and_a_click_are_announced_once_each_without_ip_or_user_ag
         assert (response.status_code, response.headers["location"]) == (302, LINKS[1])
     assert engagement_outbox(mailer) == []  # queued in memory: nothing announced yet
     assert await app.state.recorder.flush() == 2
+    assert counts(mailer) == (0, 2)  # recorded; the tracking server announces nothing
+    assert announce_now(mailer) == 2
 
     opened, clicked = engagement_outbox(mailer)
     contact_id = contact_id_of(mailer, "tracked@example.org")
@@ -96,6 +138,9 @@ async def test_an_open_and_a_click_are_announced_once_each_without_ip_or_user_ag
         assert event.uid.startswith("evt_")
     assert opened.uid != clicked.uid
 
+    assert announce_now(mailer) == 0  # announced once: a second look writes nothing
+    assert counts(mailer) == (2, 2)
+
 
 @pytest.mark.asyncio
 async def test_head_requests_scanners_and_honeypots_are_announced_as_machines(
@@ -109,6 +154,7 @@ async def test_head_requests_scanners_and_honeypots_are_announced_as_machines(
         await http.get(path_of(sent.clicks[1]))  # a browser's, but beside the honeypot
         await http.get(path_of(sent.honeypot))
     await app.state.recorder.flush()
+    announce_now(mailer)
     announced = [
         (e.type, e.data.get("link_position"), e.data["machine"], e.data["machine_reason"])
         for e in engagement_outbox(mailer)
@@ -137,6 +183,7 @@ async def test_a_burst_flagged_in_the_batch_is_announced_as_a_machine(
             await http.get(path_of(url))
         await http.get(path_of(mails["reader@example.org"].clicks[0]))
     await app.state.recorder.flush()
+    announce_now(mailer)
     by_mail = {
         (e.data["delivery_id"], e.data["link_position"]): e.data["machine_reason"]
         for e in engagement_outbox(mailer)
@@ -157,6 +204,28 @@ async def test_a_burst_flagged_in_the_batch_is_announced_as_a_machine(
 
 
 @pytest.mark.asyncio
+async def test_a_click_a_later_batch_shows_to_be_a_burst_is_announced_as_a_machine(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer)
+    async with client_for(app) as http:
+        await http.get(path_of(sent.clicks[0]))
+        assert await app.state.recorder.flush() == 1  # alone, it looks like a person's
+        await http.get(path_of(sent.clicks[1]))  # the other link, within the second
+        assert await app.state.recorder.flush() == 1
+    assert announce_now(mailer) == 2
+    announced = [
+        (e.data["link_position"], e.data["machine"], e.data["machine_reason"])
+        for e in engagement_outbox(mailer)
+    ]
+    assert announced == [
+        (0, True, "all_links_within_a_second"),
+        (1, True, "all_links_within_a_second"),
+    ]
+
+
+@pytest.mark.asyncio
 async def test_invalid_tokens_announce_nothing(
     mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
 ) -> None:
@@ -171,11 +240,12 @@ async def test_invalid_tokens_announce_nothing(
         for path in ("/c/garbage", f"/c/{open_token}", f"/c/{click_token[:-1]}{tampered}"):
             assert (await http.get(path)).status_code == 404
     assert await app.state.recorder.flush() == 0
+    assert announce_now(mailer) == 0
     assert counts(mailer) == (0, 0)
 
 
 @pytest.mark.asyncio
-async def test_every_engagement_event_is_announced_once_by_the_flush_loop(
+async def test_every_engagement_event_written_by_the_flush_loop_is_announced_once(
     mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
 ) -> None:
     emails = tuple(f"reader{i}@example.org" for i in range(6))
@@ -192,9 +262,12 @@ async def test_every_engagement_event_is_announced_once_by_the_flush_loop(
             if stats.written == half:
                 break
             await asyncio.sleep(0.02)
-        assert counts(mailer) == (half, half)
+        assert counts(mailer) == (0, half)
+        assert announce_now(mailer) == half
         await asyncio.gather(*(http.get(path) for path in requests[half:]))
-    # the shutdown wrote the rest, with its events
+    # the shutdown wrote the rest; announcing picks up exactly those
+    assert counts(mailer) == (half, len(requests))
+    assert announce_now(mailer) == len(requests) - half
     assert counts(mailer) == (len(requests), len(requests))
     uids = {e.uid for e in engagement_outbox(mailer)}
     assert len(uids) == len(requests)
@@ -212,7 +285,147 @@ async def test_a_refused_event_takes_its_announcement_with_it(
     recorder.record(Hit("bounce", delivery, campaign, None, at, None, None, None))  # refused
     recorder.record(Hit("open", delivery + 99, campaign, None, at, None, None, None))  # gone
     assert await recorder.flush() == 1
+    assert announce_now(mailer) == 1
     assert counts(mailer) == (1, 1)
+
+
+# -- when, and by whom ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_hit_is_announced_only_once_the_settle_delay_has_passed(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    first = utcnow()
+    second = first + timedelta(seconds=3)
+    assert await asyncio.to_thread(record_opens, mailer, sent, [first, second]) == 2
+
+    assert announce_engagement(mailer.engine) == 0  # by default, settled by the current time
+    assert announce_engagement(mailer.engine, now=first + ANNOUNCE_SETTLE / 2) == 0
+    assert announce_engagement(mailer.engine, now=first + ANNOUNCE_SETTLE) == 1
+    (event,) = engagement_outbox(mailer)
+    assert as_utc(event.occurred_at) == first
+    assert announce_engagement(mailer.engine, now=second + ANNOUNCE_SETTLE) == 1
+    assert counts(mailer) == (2, 2)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_announcers_announce_each_hit_exactly_once(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    start = utcnow() - timedelta(minutes=1)
+    times = [start + timedelta(milliseconds=i) for i in range(1200)]
+    assert await asyncio.to_thread(record_opens, mailer, sent, times) == len(times)
+
+    barrier = threading.Barrier(2)
+    announced: list[int] = []
+
+    def announcer() -> None:
+        barrier.wait()
+        announced.append(announce_engagement(mailer.engine, limit=40))
+
+    threads = [threading.Thread(target=announcer) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(announced) == 2 and sum(announced) == len(times)
+    events = Counter(as_utc(e.occurred_at) for e in engagement_outbox(mailer))
+    assert events == Counter(times)  # one event per hit, none twice
+    assert announce_now(mailer) == 0
+
+
+@pytest.mark.asyncio
+async def test_the_dispatcher_announces_and_delivers_a_click_with_no_other_step(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer)
+    async with client_for(app) as http:
+        await http.get(path_of(sent.opens[0]))
+        await http.get(path_of(sent.clicks[1]))
+    await app.state.recorder.flush()
+    with Consumer() as consumer:
+        _view, secret = webhook_endpoints.add(
+            mailer.engine, consumer.url, ["message.clicked"], allow_private=True
+        )
+        # too soon: the flags may still change, so nothing is announced or sent yet
+        soon = await asyncio.to_thread(deliver_due, mailer.engine, DISPATCH)
+        assert (soon.announced, soon.attempts) == (0, 0)
+        stats = await asyncio.to_thread(deliver_due, mailer.engine, DISPATCH, clock=later())
+    assert (stats.announced, stats.delivered) == (2, 1)
+    (payload,) = consumer.verified(secret)
+    assert payload["type"] == "message.clicked"
+    assert payload["data"]["delivery_id"] == sent.delivery_id
+    assert (payload["data"]["url"], payload["data"]["machine"]) == (LINKS[1], False)
+    assert counts(mailer) == (2, 2)  # the open is announced too, for its own subscribers
+
+
+@pytest.mark.asyncio
+async def test_a_failed_announcement_is_logged_and_retried_while_delivering_goes_on(
+    mailer: Mailer,
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer)
+    async with client_for(app) as http:
+        await http.get(path_of(sent.clicks[0]))
+    await app.state.recorder.flush()
+    real = webhook_dispatch.announce_engagement
+    calls: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT ...", {}, Exception("server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(webhook_dispatch, "announce_engagement", flaky)
+    with Consumer() as consumer:
+        webhook_endpoints.add(mailer.engine, consumer.url, ["*"], allow_private=True)
+        mailer.record_consent(
+            "other@example.org", "marketing", ConsentStatus.WITHDRAWN, source="phone"
+        )
+        dispatcher = Dispatcher(mailer.engine, DISPATCH, clock=later())
+        running = asyncio.create_task(dispatcher.run())
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            received = {r.event()["type"] for r in consumer.requests()}
+            if {"message.clicked", "consent.withdrawn"} <= received:
+                break
+            await asyncio.sleep(0.05)
+        dispatcher.stop()
+        stats = await running
+    assert {"message.clicked", "consent.withdrawn"} <= received
+    assert (stats.announce_failures, stats.announced) == (1, 1)
+    assert "could not announce opens and clicks" in caplog.text
+    assert "server closed the connection" in caplog.text
+
+
+def test_replay_announces_what_the_dispatcher_has_not_yet(
+    mailer: Mailer,
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    cli: Callable[..., CliResult],
+) -> None:
+    sent = asyncio.run(send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    assert record_opens(mailer, sent, [utcnow()]) == 1  # just now: not settled yet
+    webhook_endpoints.add(mailer.engine, "http://127.0.0.1:9/hook", ["*"], allow_private=True)
+    replayed = cli("webhooks", "replay", "--since", "1h")
+    assert replayed.exit_code == 0, replayed.stderr
+    assert "Announced 1 opens and clicks first" in replayed.stdout
+    (opened,) = engagement_outbox(mailer)
+    deliveries = WebhookDelivery.__table__  # type: ignore[attr-defined]
+    with mailer.engine.connect() as conn:
+        pending = conn.execute(
+            select(deliveries.c.status).where(deliveries.c.event_id == opened.id)
+        ).scalars()
+        assert [*pending] == ["pending"]
 
 
 @pytest.mark.asyncio
@@ -245,6 +458,7 @@ async def test_endpoints_subscribed_to_clicks_get_a_pending_delivery(
         await http.get(path_of(sent.opens[0]))
         await http.get(path_of(sent.clicks[0]))
     await app.state.recorder.flush()
+    announce_now(mailer)
     deliveries = WebhookDelivery.__table__  # type: ignore[attr-defined]
     with mailer.engine.connect() as conn:
         pending = conn.execute(
@@ -254,3 +468,53 @@ async def test_endpoints_subscribed_to_clicks_get_a_pending_delivery(
             .where(outbox.c.type.in_(ENGAGEMENT_TYPES))
         ).all()
     assert [tuple(row) for row in pending] == [("message.clicked", "ep_clicks", "pending")]
+
+
+# -- erasure and upgrades -------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_after_erasure_no_event_names_the_person_and_unannounced_hits_are_gone(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer)
+    async with client_for(app) as http:
+        await http.get(path_of(sent.clicks[0]))
+        await app.state.recorder.flush()
+        assert announce_now(mailer) == 1
+        await http.get(path_of(sent.opens[0]))  # recorded, not yet announced at the erasure
+        await app.state.recorder.flush()
+    await asyncio.to_thread(privacy.erase, mailer, "tracked@example.org")
+
+    assert announce_now(mailer) == 0  # the erased person's hits are gone with them
+    assert counts(mailer) == (1, 0)
+    with mailer.engine.connect() as conn:
+        for data in conn.execute(select(outbox.c.data)).scalars():
+            assert "tracked@example.org" not in repr(data).lower()
+
+
+@pytest.mark.asyncio
+async def test_hits_recorded_before_the_upgrade_are_not_announced_again(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    an_hour_ago = utcnow() - timedelta(hours=1)
+    assert await asyncio.to_thread(record_opens, mailer, sent, [an_hour_ago]) == 1
+
+    def migrate(target: str) -> None:
+        with mailer.engine.begin() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            if target == "head":
+                command.upgrade(cfg, target)
+            else:
+                command.downgrade(cfg, target)
+
+    # as a database the old recorder wrote to (and announced from): back to 0006, then up
+    await asyncio.to_thread(migrate, "0006")
+    await asyncio.to_thread(migrate, "head")
+    assert announce_now(mailer) == 0
+    assert await asyncio.to_thread(record_opens, mailer, sent, [an_hour_ago]) == 1
+    assert announce_now(mailer) == 1  # new rows are announced as before
+    assert counts(mailer) == (1, 2)

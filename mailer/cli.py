@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from mailer.cli_support import JsonOption, err, handled, mailer_for, out
 from mailer.config import load_settings, parse_keys, redact_url
+from mailer.errors import ConfigError
 from mailer.imports import ImportSummary
 from mailer.models import ConsentStatus, as_utc
 from mailer.repermission import RepermissionResult
@@ -769,6 +771,12 @@ keys_app = typer.Typer(help="The keys that sign links.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 SERVE_APP_FACTORY = "mailer.cli:serve_app"
+WRITER_ENV = "MAILER_TRACKING_WRITER"  # how `serve` tells its workers where hits are written
+
+
+class Writer(StrEnum):
+    process = "process"
+    thread = "thread"
 
 
 def serve_app() -> Any:
@@ -781,7 +789,11 @@ def serve_app() -> Any:
     """
     from mailer.tracking.app import create_app, prepare_worker
 
-    tracking_app = create_app(Mailer(load_settings(dict(os.environ))).ready())
+    in_thread = os.environ.get(WRITER_ENV) == Writer.thread
+    tracking_app = create_app(
+        Mailer(load_settings(dict(os.environ))).ready(),
+        writer="thread" if in_thread else "process",
+    )
     prepare_worker()
     return tracking_app
 
@@ -804,14 +816,25 @@ def serve(
     ] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    writer: Annotated[
+        Writer | None,
+        typer.Option(
+            help="Where opens and clicks are written: a writer process per worker (default), "
+            "or a thread of the worker (default MAILER_TRACKING_WRITER, else process)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the tracking app (pixel, click, unsubscribe, confirm, preferences) under uvicorn."""
     from mailer.tracking.app import serve as run_server
 
+    chosen = writer.value if writer is not None else os.environ.get(WRITER_ENV) or "process"
+    if chosen not in {w.value for w in Writer}:
+        raise ConfigError(f"{WRITER_ENV} must be process or thread, not {chosen!r}")
     mailer_for(ctx).close()  # the database and keys are checked before any worker starts
     db = ctx.ensure_object(dict).get("db")
     if db:
         os.environ["MAILER_DATABASE_URL"] = db  # what the workers' settings are built from
+    os.environ[WRITER_ENV] = chosen
     run_server(
         SERVE_APP_FACTORY,
         host=host,

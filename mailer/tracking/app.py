@@ -4,7 +4,8 @@ What the app holds, on `app.state`, for its routes (and the recipient pages):
 
     mailer     the Mailer: settings and database engine
     tokens     Tokens(settings.secret_keys), built once (key derivation is done here)
-    recorder   the EngagementRecorder: opens and clicks, written in batches
+    recorder   the EngagementRecorder (in a thread of this process) or WriterProcessRecorder
+               (in a child process: what `mailer serve` uses): opens and clicks, written in batches
     links      the LinkCache: each campaign's link table
     transport  where the app's own mails go (double opt-in confirmations): the one given,
                or an SmtpPool to settings.smtp_url made on first use
@@ -23,7 +24,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -38,6 +39,7 @@ from mailer.tokens import BadToken, Tokens
 from mailer.tracking.pages import recipient_routes
 from mailer.tracking.routes import NO_STORE, not_found, tracking_routes
 from mailer.tracking.security import SecurityHeadersMiddleware, security_headers
+from mailer.tracking.writer import WriterProcessRecorder
 from mailer.transport import SendResult, SmtpPool, Transport
 
 logger = logging.getLogger("mailer.tracking")
@@ -93,6 +95,7 @@ def create_app(
     *,
     transport: Transport | None = None,
     flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+    writer: Literal["thread", "process"] = "thread",
 ) -> Starlette:
     """The tracking and recipient app for `mailer` (its settings and database).
 
@@ -100,11 +103,20 @@ def create_app(
     settings.smtp_url); it is closed on shutdown. `flush_interval` is the longest time, in
     seconds, an open or click waits in memory before it is written. The lifespan starts the
     recorder's flush loop and, on shutdown, writes what is queued and closes the transport;
-    without a lifespan (tests), await `app.state.recorder.flush()`.
+    without a lifespan (tests), await `app.state.recorder.flush()`. `writer`: where the
+    batches are written, a thread of this process or a child process of its own (see
+    mailer.tracking.writer; an in-memory SQLite database, which no other process can see,
+    always uses the thread).
     """
     settings = mailer.settings
     tokens = Tokens(settings.secret_keys)
-    recorder = EngagementRecorder(mailer.engine, flush_interval=flush_interval)
+    recorder: EngagementRecorder | WriterProcessRecorder
+    if writer == "process" and not _in_memory(settings.database_url):
+        recorder = WriterProcessRecorder(
+            mailer.engine, settings.database_url, flush_interval=flush_interval
+        )
+    else:
+        recorder = EngagementRecorder(mailer.engine, flush_interval=flush_interval)
     mail: Transport = transport if transport is not None else LazySmtpPool(settings.smtp_url)
 
     @asynccontextmanager
@@ -136,11 +148,20 @@ def create_app(
     return app
 
 
+def _in_memory(database_url: str) -> bool:
+    return database_url.startswith("sqlite") and (
+        database_url.rstrip("/") in ("sqlite:", "sqlite:/", "sqlite:")
+        or ":memory:" in database_url
+        or "mode=memory" in database_url
+    )
+
+
 # -- serving ----------------------------------------------------------------------------------
 
-# How long a thread may hold the GIL before another may run (CPython's default is 5 ms). The
-# recorder's flush thread competes with the event loop; a shorter slice bounds how long it
-# can hold up requests.
+# How long a thread may hold the GIL before another may run (CPython's default is 5 ms). With
+# `--writer thread`, and when a worker has taken over from a writer process that died, the
+# recorder's flush thread competes with the event loop; a shorter slice bounds how long it can
+# hold up requests. (Other threads are rare: a campaign's link table read once.)
 SWITCH_INTERVAL = 0.0005
 
 

@@ -1,0 +1,344 @@
+"""Opens and clicks written by a separate process, so the serving process only answers requests.
+
+A serving worker queues each hit in memory, as EngagementRecorder does, and hands its queue to
+its own writer process many times a second, down a pipe. The writer process runs an
+EngagementRecorder: the batched writes, the machine-traffic rules and the retries are the same
+code as in-process recording. What changes is where that work holds the GIL: in a thread of the
+serving process, a flush of thousands of rows took the interpreter from the event loop for
+long stretches, and every request waiting behind it saw that in its latency.
+
+    WriterProcessRecorder   the worker's side: record() appends to a list; a task pickles the
+                            list to the writer every SEND_INTERVAL (or at SEND_BATCH hits);
+                            flush() waits until the writer has written everything sent
+    run_writer() / main()   the writer's side (`python -m mailer.tracking.writer`): reads
+                            frames from stdin until end of file, then writes what it holds
+                            and exits
+
+Nothing is lost when the worker stops: stop() sends what is queued and closes the pipe, and
+the writer writes everything before it exits. When the worker dies (SIGKILL, a crash), the
+pipe's end of file tells the writer, which writes everything it had received: only the hits
+of the worker's last SEND_INTERVAL die with it (in-process recording loses up to a second's).
+If the writer dies, the worker notices and records in-process from then on (an
+EngagementRecorder in a thread, as without a writer); only what the dead writer held and had
+not written is lost.
+
+The writer ignores SIGINT and SIGTERM: a Ctrl-C or a service manager's SIGTERM reaches the
+whole process group, and the writer must outlive its worker's graceful shutdown to write the
+last hits. It exits at end of file, which comes when its worker exits, however that happens.
+
+Frames: a 4-byte big-endian length, then a `marshal` of ("start", database URL) first (so
+the URL, which may hold a password, is on no command line that others on the machine can
+read), then ("hits", [tuple, ...]) or ("flush", seq). A hit travels as its tuple with the
+time as a POSIX timestamp: marshal takes only plain values, which is fast, and nothing in a
+frame can name a class to build. The writer answers each flush with a line "seq written" on
+stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import os
+import signal
+import struct
+import sys
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import Engine
+
+from mailer.engagement import (
+    DEFAULT_FLUSH_INTERVAL,
+    MAX_PENDING,
+    EngagementRecorder,
+    Hit,
+    RecorderStats,
+)
+
+logger = logging.getLogger("mailer.engagement")
+
+SEND_INTERVAL = 0.02  # seconds a hit waits in the worker before it is handed to the writer
+SEND_BATCH = 512  # hits that are sent at once, without waiting for the interval
+STOP_TIMEOUT = 60.0  # seconds the worker waits at shutdown for its writer to finish
+_HEADER = struct.Struct(">I")
+_MAX_FRAME = 256 * 1024 * 1024
+
+
+def _frame(message: tuple[str, Any]) -> bytes:
+    data = marshal.dumps(message)
+    return _HEADER.pack(len(data)) + data
+
+
+def _hit_from_wire(wire: tuple[Any, ...]) -> tuple[Any, ...]:
+    kind, delivery_id, campaign_id, position, at, ip_masked, user_agent, reason = wire
+    when = datetime.fromtimestamp(at, UTC)
+    return (kind, delivery_id, campaign_id, position, when, ip_masked, user_agent, reason)
+
+
+class WriterGone(Exception):
+    """The writer process ended before it was asked to."""
+
+
+class WriterProcessRecorder:
+    """EngagementRecorder's interface (record, start, stop, flush, pending, stats), with the
+    writing done by a child process. `engine` is used only if that process dies: recording
+    then goes on in-process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        database_url: str,
+        *,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_pending: int = MAX_PENDING,
+        send_interval: float = SEND_INTERVAL,
+        send_batch: int = SEND_BATCH,
+    ) -> None:
+        if not flush_interval > 0:
+            raise ValueError("flush_interval must be positive")
+        self.engine = engine
+        self.database_url = database_url
+        self.flush_interval = flush_interval
+        self.max_pending = max_pending
+        self.send_interval = min(send_interval, flush_interval)
+        self.send_batch = send_batch
+        self.stats = RecorderStats()
+        self._pending: list[tuple[Any, ...]] = []
+        self._process: asyncio.subprocess.Process | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._answers: asyncio.Task[None] | None = None
+        self._due = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._flushes: dict[int, asyncio.Future[int]] = {}
+        self._sequence = 0
+        self._fallback: EngagementRecorder | None = None
+
+    @property
+    def pending(self) -> int:
+        fallback = self._fallback
+        return len(self._pending) + (fallback.pending if fallback is not None else 0)
+
+    @property
+    def pid(self) -> int | None:
+        """The writer process's id, while it runs."""
+        process = self._process
+        return process.pid if process is not None and process.returncode is None else None
+
+    def record(self, hit: Hit) -> None:
+        if self._fallback is not None:
+            self._fallback.record(hit)
+            self.stats.recorded += 1
+            return
+        pending = self._pending
+        if len(pending) >= self.max_pending:
+            self.stats.dropped += 1
+            return
+        # a plain tuple of plain values (which the collector stops tracking), ready for marshal
+        kind, delivery, campaign, position, at, ip, agent, reason = hit
+        pending.append((kind, delivery, campaign, position, at.timestamp(), ip, agent, reason))
+        self.stats.recorded += 1
+        if len(pending) == self.send_batch:
+            self._due.set()
+
+    async def start(self) -> None:
+        if self._process is not None or self._fallback is not None:
+            return
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mailer.tracking.writer",
+            str(self.flush_interval),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        with contextlib.suppress(WriterGone):  # noticed by the answer reader
+            await self._write(_frame(("start", self.database_url)))
+        self._stopping.clear()
+        self._answers = asyncio.create_task(self._read_answers(), name="engagement-writer-answers")
+        self._sender = asyncio.create_task(self._send_loop(), name="engagement-writer-sender")
+
+    async def stop(self) -> None:
+        """Hand everything queued to the writer, close its pipe and wait until it has written
+        it all and exited."""
+        self._stopping.set()
+        self._due.set()
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            await sender
+        process = self._process
+        if process is not None and self._fallback is None:
+            with contextlib.suppress(WriterGone):
+                await self._send()
+            stdin = process.stdin
+            if stdin is not None:
+                stdin.close()
+                with contextlib.suppress(ConnectionError):
+                    await stdin.wait_closed()
+            try:
+                code = await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                logger.error("the engagement writer did not finish in %.0f s", STOP_TIMEOUT)
+                process.kill()
+                code = await process.wait()
+            if code != 0:
+                logger.error("the engagement writer exited with status %s", code)
+        answers, self._answers = self._answers, None
+        if answers is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                answers.cancel()
+                await answers
+        if self._fallback is not None:
+            await self._fallback.stop()
+
+    async def flush(self) -> int:
+        """Hand everything queued to the writer and wait until it is written; returns the rows
+        the writer inserted in its flush."""
+        if self._fallback is not None:
+            return await self._fallback.flush()
+        if self._process is None:
+            raise RuntimeError("the writer is not started")
+        try:
+            await self._send()
+            self._sequence += 1
+            sequence = self._sequence
+            answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._flushes[sequence] = answer
+            await self._write(_frame(("flush", sequence)))
+            return await answer
+        except WriterGone:
+            return await self._take_over().flush()
+
+    async def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._due.wait(), self.send_interval)
+            self._due.clear()
+            try:
+                await self._send()
+            except WriterGone:
+                self._take_over()
+                return
+
+    async def _send(self) -> None:
+        if self._fallback is not None:
+            return
+        batch, self._pending = self._pending, []
+        if batch:
+            try:
+                await self._write(_frame(("hits", batch)))
+            except WriterGone:
+                self._pending[:0] = batch
+                raise
+
+    async def _write(self, data: bytes) -> None:
+        process = self._process
+        stdin = process.stdin if process is not None else None
+        if stdin is None or stdin.is_closing():
+            raise WriterGone
+        async with self._write_lock:
+            try:
+                stdin.write(data)
+                # waits while the pipe is full: the writer is behind, and the queue grows here
+                # (bounded by max_pending) rather than in an unbounded transport buffer
+                await stdin.drain()
+            except (ConnectionError, RuntimeError) as exc:
+                raise WriterGone from exc
+
+    async def _read_answers(self) -> None:
+        process = self._process
+        assert process is not None and process.stdout is not None
+        while line := await process.stdout.readline():
+            sequence, written = (int(part) for part in line.split())
+            self.stats.written += written
+            answer = self._flushes.pop(sequence, None)
+            if answer is not None and not answer.done():
+                answer.set_result(written)
+        # end of file: the writer has exited
+        if not self._stopping.is_set():
+            code = await process.wait()
+            logger.error(
+                "the engagement writer exited unexpectedly (status %s); recording in-process", code
+            )
+            self._take_over()
+        for answer in self._flushes.values():
+            if not answer.done():
+                answer.set_exception(WriterGone())
+        self._flushes.clear()
+
+    def _take_over(self) -> EngagementRecorder:
+        """Record in this process from now on, starting with what the writer was not sent."""
+        if self._fallback is None:
+            fallback = EngagementRecorder(
+                self.engine, flush_interval=self.flush_interval, max_pending=self.max_pending
+            )
+            for wire in self._pending:
+                fallback.record(cast(Hit, _hit_from_wire(wire)))
+            self._pending = []
+            self._fallback = fallback
+            if not self._stopping.is_set():
+                asyncio.get_running_loop().create_task(fallback.start())
+        return self._fallback
+
+
+# -- the writer process ---------------------------------------------------------------------------
+
+
+async def run_writer(flush_interval: float, source: int = 0, answers: int = 1) -> int:
+    """Read frames from the file descriptor `source` until end of file, recording their hits;
+    answer flushes on `answers`. Returns the rows written."""
+    from mailer.db import make_engine
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=_MAX_FRAME)
+    pipe = os.fdopen(source, "rb", buffering=0, closefd=False)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    first = await _read_frame(reader)
+    if first is None or first[0] != "start":
+        raise RuntimeError("the writer's first frame must name the database")
+    engine = make_engine(first[1])
+    recorder = EngagementRecorder(engine, flush_interval=flush_interval)
+    await recorder.start()
+    try:
+        while (frame := await _read_frame(reader)) is not None:
+            kind, payload = frame
+            if kind == "hits":
+                record = recorder.record
+                for wire in payload:
+                    record(cast(Hit, _hit_from_wire(wire)))
+            elif kind == "flush":
+                written = await recorder.flush()
+                os.write(answers, b"%d %d\n" % (payload, written))
+    finally:
+        await recorder.stop()
+        engine.dispose()
+    return recorder.stats.written
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
+    """The next frame, or None at end of file (the worker has stopped or died)."""
+    try:
+        (size,) = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+        data = await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        return None
+    # only the worker that started this process holds the other end of the pipe
+    kind, payload = marshal.loads(data)  # noqa: S302
+    return str(kind), payload
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m mailer.tracking.writer [FLUSH_INTERVAL]`, started by a serving worker."""
+    args = sys.argv[1:] if argv is None else argv
+    flush_interval = float(args[0]) if args else DEFAULT_FLUSH_INTERVAL
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
+    asyncio.run(run_writer(flush_interval))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Opens and clicks written by a writer process beside each serving worker: every hit reaches
+the database, when the worker stops, when it is killed, and when the writer itself dies."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from mailer.engagement import EngagementRecorder
+from mailer.service import Mailer
+from mailer.tracking.writer import SEND_INTERVAL, WriterProcessRecorder
+from tests.smtp_server import CaptureServer
+from tests.test_tracking_pixel_and_click import (
+    HUMAN,
+    _free_port,
+    client_for,
+    event_count,
+    make_app,
+    path_of,
+    send_tracked,
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as fh:
+            found += [int(child) for child in fh.read().split()]
+    return found
+
+
+async def _wait_for(condition: Callable[[], bool], what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.asyncio
+async def test_the_writer_process_writes_every_hit_and_flush_waits_for_it(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    emails = tuple(f"reader{i}@example.org" for i in range(4))
+    sent = await send_tracked(mailer, smtp_server, campaign_file, emails)
+    paths = [path_of(url) for mail in sent.values() for url in (*mail.opens, *mail.clicks)]
+
+    app = make_app(mailer, writer="process", flush_interval=3600)
+    recorder = app.state.recorder
+    assert isinstance(recorder, WriterProcessRecorder)
+    async with client_for(app, lifespan=True) as http:
+        writer = recorder.pid
+        assert writer is not None and writer != os.getpid()
+        responses = await asyncio.gather(*(http.get(path) for path in paths * 10))
+        assert {r.status_code for r in responses} == {200, 302}
+        assert await recorder.flush() == len(paths) * 10
+        assert event_count(mailer) == len(paths) * 10
+        for path in paths:  # queued, never flushed: written by the shutdown
+            await http.get(path)
+    assert event_count(mailer) == len(paths) * 11
+    assert not _alive(writer)
+    assert (recorder.stats.recorded, recorder.stats.dropped) == (len(paths) * 11, 0)
+
+
+@pytest.mark.asyncio
+async def test_recording_goes_on_in_process_when_the_writer_dies(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer, writer="process", flush_interval=3600)
+    recorder = app.state.recorder
+    async with client_for(app, lifespan=True) as http:
+        for _ in range(5):
+            await http.get(path_of(sent.opens[0]))
+        assert await recorder.flush() == 5
+        writer = recorder.pid
+        os.kill(writer, signal.SIGKILL)
+        await _wait_for(lambda: recorder.pid is None, "the worker did not notice")
+        for _ in range(7):
+            response = await http.get(path_of(sent.clicks[0]))
+            assert response.status_code == 302
+        assert await recorder.flush() == 7  # written by this process now
+        assert isinstance(recorder._fallback, EngagementRecorder)
+    assert event_count(mailer) == 12
+    assert recorder.stats.recorded == 12
+
+
+@pytest.mark.asyncio
+async def test_hits_answered_by_a_worker_killed_with_sigkill_are_still_written(
+    mailer: Mailer,
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    port = _free_port()
+    environment = {**os.environ, **env}
+    environment.pop("MAILER_TRACKING_WRITER", None)  # the default: a writer process
+    database_url = environment.pop("MAILER_DATABASE_URL")
+    command = [sys.executable, "-m", "mailer", "--db", database_url, "serve"]
+    command += ["--port", str(port), "--log-level", "warning"]
+    server = subprocess.Popen(
+        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers={"user-agent": HUMAN}
+        ) as http:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert server.poll() is None, server.communicate()
+                assert time.monotonic() < deadline, "mailer serve did not start"
+                await asyncio.sleep(0.1)
+            writers = _children(server.pid)
+            assert len(writers) == 1  # one worker (this process), one writer
+            for _ in range(30):
+                assert (await http.get(path_of(sent.opens[0]))).status_code == 200
+            # a worker hands its hits over every SEND_INTERVAL: only the hits of the last
+            # such interval before a SIGKILL die with it
+            await asyncio.sleep(SEND_INTERVAL * 10)
+    finally:
+        server.kill()  # SIGKILL: no graceful shutdown, nothing flushed by the worker
+        server.communicate(timeout=30)
+    await _wait_for(lambda: event_count(mailer) == 30, "the writer did not write the hits")
+    await _wait_for(lambda: not _alive(writers[0]), "the writer outlived its worker")
+
+
+def test_serve_refuses_an_unknown_writer(cli: Callable[..., Any]) -> None:
+    result = cli("serve", "--writer", "elsewhere")
+    assert result.exit_code == 2
+    assert "elsewhere" in result.stderr

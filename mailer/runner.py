@@ -8,8 +8,15 @@ transaction, one wave (a few messages a connection) at a time. A crash therefore
 wave `sending`; the next run reports those as `uncertain` and never resends them unless asked.
 
 One transaction a wave: recording a wave's outcomes (with their message events) and marking the
-next wave `sending` commit together, and the next wave is composed while the current one is on
-the wire. Every commit still leaves at most one wave `sending`, and none before it was composed.
+next wave `sending` commit together. Every commit still leaves at most one wave `sending`, and none
+before it was composed.
+
+The database calls are synchronous, so they run in the runner's own database thread while the
+event loop stays free. The next wave is composed (CPU work without database access) a message at
+a time in the loop's idle moments: while a transaction is in the database thread, and the rest
+while the current wave is on the wire. Signal handlers and other tasks keep running too. The loop
+awaits each database call before it goes on, so the order of commits and SMTP transactions is
+exactly the one above.
 """
 
 from __future__ import annotations
@@ -17,13 +24,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from mailer.delivery_store import Claimed, DeliveryStore, Outcome
 from mailer.errors import MailerError
 from mailer.models import CampaignStatus, DeliveryStatus, as_utc, utcnow
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+# While a transaction runs in the database thread, composing pauses this long before each
+# message. The thread needs the GIL after every answer from the database, and CPython hands it
+# over only when the holder blocks long enough, or after the 5 ms switch interval, which every
+# brief release of the GIL while composing (os.urandom for the Message-ID) starts afresh:
+# without the pause the transaction did not even begin until the whole wave was composed (about
+# 7 ms on PostgreSQL in `bench/send.py --quick`), so nothing overlapped.
+_GIL_HANDOVER_PAUSE = 50e-6
 
 
 @dataclass(frozen=True)
@@ -83,6 +102,36 @@ class _Wave:
     unbuildable: list[tuple[Claimed, str]]
 
 
+class _Composing:
+    """A wave composed a message at a time, so that composing can fill the moments the loop
+    would otherwise wait: for a transaction in the database thread, then for SMTP replies."""
+
+    def __init__(self, composer: Composer, items: Sequence[Claimed]) -> None:
+        self._composer = composer
+        self._todo = deque(items)
+        self._wave = _Wave({}, [])
+
+    def until_done(self, transaction: Future[Any]) -> None:
+        """Compose while `transaction` runs in the database thread, pausing before each message
+        so that thread can take the GIL; stop as soon as it is done, so SMTP need not wait."""
+        while self._todo and not transaction.done():
+            time.sleep(_GIL_HANDOVER_PAUSE)
+            if not transaction.done():
+                self._compose_one()
+
+    def finish(self) -> _Wave:
+        while self._todo:
+            self._compose_one()
+        return self._wave
+
+    def _compose_one(self) -> None:
+        item = self._todo.popleft()
+        try:
+            self._wave.composed[item.delivery_id] = (item, self._composer.compose(item))
+        except MailerError as exc:
+            self._wave.unbuildable.append((item, f"not composed: {exc}"))
+
+
 @dataclass(frozen=True)
 class RunOptions:
     purpose: str
@@ -132,31 +181,57 @@ class CampaignRunner:
         self.stop = stop or asyncio.Event()
         self.stats = RunStats()
         self._recent: deque[bool] = deque(maxlen=options.error_window)
+        # Every store call runs in this one thread, one at a time and in the order the loop
+        # issued them. Even if the run is cancelled while a transaction is still in the thread,
+        # the final `release` waits behind it instead of racing it on another connection. (A
+        # SQLite file engine pools its connections with check_same_thread off, so a connection
+        # opened on the loop's thread, e.g. by `prepare`, may be used here.)
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailer-db")
+
+    def _start_in_db_thread(
+        self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> Future[_T]:
+        """Start a store call in the database thread now."""
+        return self._db_thread.submit(call, *args, **kwargs)
+
+    async def _in_db_thread(
+        self, call: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs
+    ) -> _T:
+        """A store call in the database thread; the event loop runs on until it returns."""
+        return await asyncio.wrap_future(self._start_in_db_thread(call, *args, **kwargs))
 
     async def run(self) -> RunStats:
+        try:
+            return await self._run()
+        finally:
+            # nothing is queued after `release`; a call still running (cancelled run) finishes
+            self._db_thread.shutdown(wait=False)
+
+    async def _run(self) -> RunStats:
         started = time.monotonic()
-        self.stats.uncertain_found = self.store.sweep_uncertain()
+        self.stats.uncertain_found = await self._in_db_thread(self.store.sweep_uncertain)
         if self.options.resend_uncertain:
-            self.stats.requeued_uncertain = self.store.requeue_uncertain()
-        queued, _sending, _due = self.store.remaining()
+            self.stats.requeued_uncertain = await self._in_db_thread(self.store.requeue_uncertain)
+        queued, _sending, _due = await self._in_db_thread(self.store.remaining)
         self.progress.start(queued)
         try:
             await self._loop()
             if self.stop.is_set():
                 self.stats.stopped = True
         finally:
-            self.store.release()
+            await self._in_db_thread(self.store.release)
             self.progress.finish()
             self.stats.elapsed = time.monotonic() - started
         return self.stats
 
     async def _loop(self) -> None:
         while not self.stop.is_set():
-            status, _reason = self.store.campaign_status()
+            status, _reason = await self._in_db_thread(self.store.campaign_status)
             if status in (CampaignStatus.PAUSED, CampaignStatus.CANCELLED):
                 self.stats.stopped = True
                 return
-            claimed, excluded = self.store.claim(
+            claimed, excluded = await self._in_db_thread(
+                self.store.claim,
                 self.options.batch_size,
                 self.options.purpose,
                 self.options.min_policy_version,
@@ -178,10 +253,10 @@ class CampaignRunner:
     async def _wait_for_more(self) -> bool:
         """Nothing claimable now: finish, wait for retries that are due later, or leave the
         rest to the senders that hold it."""
-        queued, sending, due = self.store.remaining()
+        queued, sending, due = await self._in_db_thread(self.store.remaining)
         if queued == 0:
             if sending == 0:
-                self.store.finish()
+                await self._in_db_thread(self.store.finish)
                 self.stats.finished = True
             return False
         if due is None:
@@ -197,15 +272,8 @@ class CampaignRunner:
             await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         return not self.stop.is_set()
 
-    def _compose(self, wave: Sequence[Claimed]) -> _Wave:
-        composed: dict[int, tuple[Claimed, Composed]] = {}
-        unbuildable: list[tuple[Claimed, str]] = []
-        for item in wave:
-            try:
-                composed[item.delivery_id] = (item, self.composer.compose(item))
-            except MailerError as exc:
-                unbuildable.append((item, f"not composed: {exc}"))
-        return _Wave(composed, unbuildable)
+    def _start_composing(self, waves: deque[Sequence[Claimed]]) -> _Composing | None:
+        return _Composing(self.composer, waves.popleft()) if waves else None
 
     def _count_unbuildable(self, wave: _Wave) -> None:
         if wave.unbuildable:
@@ -215,47 +283,79 @@ class CampaignRunner:
             self.progress.advance(0, len(wave.unbuildable), 0)
 
     async def _send_batch(self, claimed: Sequence[Claimed]) -> None:
+        """Send a claimed batch wave by wave: each transaction records the wave just sent and
+        marks the next one `sending`, and only after it has committed does that next wave go
+        to SMTP. The wave after it is composed meanwhile, in the loop's idle moments."""
         size = self.options.wave_size
-        waves = [claimed[start : start + size] for start in range(0, len(claimed), size)]
+        waves = deque(claimed[start : start + size] for start in range(0, len(claimed), size))
         if not waves or self.stop.is_set():
             return
-        current = self._compose(waves[0])
-        attempts = self.store.record_and_mark((), current.unbuildable, list(current.composed))
+        current = _Composing(self.composer, waves.popleft()).finish()
+        following = self._start_composing(waves)
+        attempts = await self._commit((), current, following)
         self._count_unbuildable(current)
-        for index in range(len(waves)):
-            ordered = [pair for key, pair in current.composed.items() if key in attempts]
-            sending = asyncio.gather(
-                *(self.sender.send(m.envelope_from, m.recipient, m.data) for _item, m in ordered)
-            )
-            following: _Wave | None = None
-            try:
-                if index + 1 < len(waves):
-                    await asyncio.sleep(0)  # the SMTP transactions start before we compose
-                    following = self._compose(waves[index + 1])
-            finally:
-                results = await sending
-            outcomes = [
-                self._outcome(item, message, result, attempts[item.delivery_id])
-                for (item, message), result in zip(ordered, results, strict=True)
-            ]
+        while True:
+            outcomes = await self._send_wave(current, attempts, following)
             self._note_outcomes([o.status is not DeliveryStatus.FAILED for o in outcomes])
             pause = self._error_rate_exceeded()
-            if following is not None and (pause or self.stop.is_set()):
-                following = None  # stop before the next wave is marked: nothing left `sending`
-            attempts = self.store.record_and_mark(
-                outcomes,
-                following.unbuildable if following else (),
-                list(following.composed) if following else (),
-            )
+            if pause or self.stop.is_set():
+                # the next wave is only composed, not marked: dropping it leaves nothing
+                # `sending`, and the claims go back to the queue with `release`
+                following = None
+            marked = following.finish() if following else None
+            after = self._start_composing(waves) if marked else None
+            attempts = await self._commit(outcomes, marked, after)
             self._count_outcomes(outcomes)
             if pause:
                 self.stats.paused_reason = pause
-                self.store.set_status(CampaignStatus.PAUSED, pause)
+                await self._in_db_thread(self.store.set_status, CampaignStatus.PAUSED, pause)
                 return
-            if following is None:
+            if marked is None:
                 return
-            self._count_unbuildable(following)
-            current = following
+            # `marked` is `sending` now, committed: it goes to SMTP even if we were asked to
+            # stop meanwhile (Ctrl-C finishes what is in flight)
+            self._count_unbuildable(marked)
+            current, following = marked, after
+
+    async def _commit(
+        self, outcomes: Sequence[Outcome], marked: _Wave | None, upcoming: _Composing | None
+    ) -> dict[int, int]:
+        """Record `outcomes` and mark `marked` `sending` in one transaction in the database
+        thread, composing `upcoming` meanwhile. Returns the marked rows' attempt numbers (the
+        rows still ours to send)."""
+        transaction = self._start_in_db_thread(
+            self.store.record_and_mark,
+            outcomes,
+            marked.unbuildable if marked else (),
+            list(marked.composed) if marked else (),
+        )
+        try:
+            if upcoming is not None:
+                upcoming.until_done(transaction)
+        finally:
+            # the transaction's result (or error) is always awaited before anything else
+            attempts = await asyncio.wrap_future(transaction)
+        return attempts
+
+    async def _send_wave(
+        self, wave: _Wave, attempts: dict[int, int], upcoming: _Composing | None
+    ) -> list[Outcome]:
+        """The wave's SMTP transactions, for the rows its transaction marked `sending`; the
+        rest of `upcoming` is composed while they are on the wire."""
+        ordered = [pair for key, pair in wave.composed.items() if key in attempts]
+        sending = asyncio.gather(
+            *(self.sender.send(m.envelope_from, m.recipient, m.data) for _item, m in ordered)
+        )
+        try:
+            if upcoming is not None:
+                await asyncio.sleep(0)  # the SMTP transactions start before we compose
+                upcoming.finish()
+        finally:
+            results = await sending
+        return [
+            self._outcome(item, message, result, attempts[item.delivery_id])
+            for (item, message), result in zip(ordered, results, strict=True)
+        ]
 
     def _count_outcomes(self, outcomes: Sequence[Outcome]) -> None:
         sent = sum(1 for o in outcomes if o.status is DeliveryStatus.SENT)

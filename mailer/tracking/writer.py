@@ -62,11 +62,6 @@ logger = logging.getLogger("mailer.engagement")
 SEND_INTERVAL = 0.02  # seconds a hit waits in the worker before it is handed to the writer
 SEND_BATCH = 512  # hits that are sent at once, without waiting for the interval
 STOP_TIMEOUT = 60.0  # seconds the worker waits at shutdown for its writer to finish
-# The writer's scheduling priority below its worker's: when the cores are busy, a request is
-# answered first and its hit written a little later (the queue in the writer absorbs it);
-# when they are not, the writer runs at once. Under CFS a niceness of 10 still gets the writer
-# about a tenth of a contended core, far more than its flushes need.
-WRITER_NICENESS = 10
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 256 * 1024 * 1024
 
@@ -340,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     flush_interval = float(args[0]) if args else DEFAULT_FLUSH_INTERVAL
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
-    with contextlib.suppress(OSError):
-        os.nice(WRITER_NICENESS)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
     asyncio.run(run_writer(flush_interval))
     return 0

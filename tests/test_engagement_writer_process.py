@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,12 +20,13 @@ from mailer.tracking.writer import SEND_INTERVAL, WriterProcessRecorder
 from tests.smtp_server import CaptureServer
 from tests.test_tracking_pixel_and_click import (
     HUMAN,
-    _free_port,
     client_for,
     event_count,
     make_app,
     path_of,
     send_tracked,
+    start_serve,
+    wait_until_serving,
 )
 
 
@@ -111,29 +110,10 @@ async def test_hits_answered_by_a_worker_killed_with_sigkill_are_still_written(
     tmp_path: Path,
 ) -> None:
     sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
-    port = _free_port()
-    environment = {**os.environ, **env}
-    environment.pop("MAILER_TRACKING_WRITER", None)  # the default: a writer process
-    database_url = environment.pop("MAILER_DATABASE_URL")
-    command = [sys.executable, "-m", "mailer", "--db", database_url, "serve"]
-    command += ["--port", str(port), "--log-level", "warning"]
-    server = subprocess.Popen(
-        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    server, base = start_serve(env, tmp_path)  # one worker: this process, and its writer
     try:
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", headers={"user-agent": HUMAN}
-        ) as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if (await http.get("/healthz")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.poll() is None, server.communicate()
-                assert time.monotonic() < deadline, "mailer serve did not start"
-                await asyncio.sleep(0.1)
+        async with httpx.AsyncClient(base_url=base, headers={"user-agent": HUMAN}) as http:
+            await wait_until_serving(http, server)
             writers = _children(server.pid)
             assert len(writers) == 1  # one worker (this process), one writer
             for _ in range(30):

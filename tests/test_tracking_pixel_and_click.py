@@ -563,10 +563,44 @@ async def test_the_report_counts_people_and_machines_apart(
 # -- `mailer serve` -------------------------------------------------------------------------
 
 
+async def wait_until_serving(
+    http: httpx.AsyncClient, server: subprocess.Popen[bytes], seconds: float = 30
+) -> httpx.Response:
+    """Poll /healthz until `mailer serve` answers 200; its answer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            health = await http.get("/healthz")
+            if health.status_code == 200:
+                return health
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None, server.communicate()
+        assert time.monotonic() < deadline, "mailer serve did not start"
+        await asyncio.sleep(0.1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def start_serve(
+    env: dict[str, str], cwd: Path, *options: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`mailer serve` on a free loopback port with the test's settings (and the default
+    writer); the process and its base URL."""
+    port = _free_port()
+    environment = {**os.environ, **env}
+    environment.pop("MAILER_TRACKING_WRITER", None)
+    database_url = environment.pop("MAILER_DATABASE_URL")
+    command = [sys.executable, "-m", "mailer", "--db", database_url, "serve"]
+    command += ["--port", str(port), "--log-level", "warning", *options]
+    server = subprocess.Popen(
+        command, cwd=cwd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    return server, f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.asyncio
@@ -578,32 +612,10 @@ async def test_mailer_serve_runs_workers_and_writes_every_event_on_shutdown(
     tmp_path: Path,
 ) -> None:
     sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
-    port = _free_port()
-    environment = {**os.environ, **env}
-    database_url = environment.pop("MAILER_DATABASE_URL")
-    command = [sys.executable, "-m", "mailer", "--db", database_url, "serve"]
-    command += ["--port", str(port), "--workers", "2", "--log-level", "warning"]
-    server = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    server, base = start_serve(env, tmp_path, "--workers", "2")
     try:
-        base = f"http://127.0.0.1:{port}"
         async with httpx.AsyncClient(base_url=base, headers={"user-agent": HUMAN}) as http:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    health = await http.get("/healthz")
-                    if health.status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert server.poll() is None, server.communicate()
-                assert time.monotonic() < deadline, "mailer serve did not start"
-                await asyncio.sleep(0.1)
+            health = await wait_until_serving(http, server)
             assert health.json() == {"status": "ok"}
             assert health.headers["referrer-policy"] == "no-referrer"
             assert "server" not in health.headers

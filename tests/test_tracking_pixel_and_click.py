@@ -390,6 +390,51 @@ async def test_every_response_carries_the_security_headers(
             assert response.headers.get_list(name) == [value], (response.url, name)
 
 
+@pytest.mark.asyncio
+async def test_a_click_the_database_cannot_resolve_is_a_503_with_the_security_headers(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The pixel and click routes are answered before Starlette's stack (TrackingApp); their
+    errors must still be answered as the stack would, security headers included."""
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    down = Mailer(
+        load_settings(
+            {
+                "MAILER_DATABASE_URL": f"sqlite:///{tmp_path / 'no' / 'db.sqlite'}",
+                "MAILER_SECRET_KEYS": ",".join(mailer.settings.secret_keys),
+            }
+        )
+    )
+    try:
+        async with client_for(make_app(down)) as http:
+            click = await http.get(path_of(sent.clicks[0]))  # the link table cannot be read
+            pixel = await http.get(path_of(sent.opens[0]))  # needs no database to answer
+    finally:
+        down.close()
+    assert (click.status_code, click.headers["retry-after"]) == (503, "5")
+    assert (pixel.status_code, pixel.content) == (200, PIXEL)
+    for response in (click, pixel):
+        for name, value in SECURITY_HEADERS.items():
+            assert response.headers.get_list(name) == [value], (response.url, name)
+
+
+@pytest.mark.asyncio
+async def test_the_app_mounted_under_a_path_prefix_answers_through_its_router(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer)
+    transport = httpx.ASGITransport(app, root_path="/track")
+    async with httpx.AsyncClient(transport=transport, base_url=BASE) as http:
+        click = await http.get("/track" + path_of(sent.clicks[1]))
+        pixel = await http.get("/track" + path_of(sent.opens[0]))
+        bad = await http.get("/track/c/bad")
+    assert (click.status_code, click.headers["location"]) == (302, LINKS[1])
+    assert (pixel.status_code, bad.status_code) == (200, 404)
+    await app.state.recorder.flush()
+    assert [(e.kind, e.link_position) for e in events(mailer)] == [("click", 1), ("open", None)]
+
+
 def test_the_logo_origin_is_the_only_other_image_source(mailer: Mailer) -> None:
     def app_with_logo(logo_url: str) -> Starlette:
         settings = load_settings(

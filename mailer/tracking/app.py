@@ -30,6 +30,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from mailer.engagement import DEFAULT_FLUSH_INTERVAL, EngagementRecorder, LinkCache
 from mailer.errors import ConfigError, DatabaseError, MailerError
@@ -37,7 +38,7 @@ from mailer.policy import page_notice
 from mailer.service import Mailer
 from mailer.tokens import BadToken, Tokens
 from mailer.tracking.pages import recipient_routes
-from mailer.tracking.routes import NO_STORE, not_found, tracking_routes
+from mailer.tracking.routes import NO_STORE, Click, OpenPixel, not_found, tracking_routes
 from mailer.tracking.security import SecurityHeadersMiddleware, security_headers
 from mailer.tracking.writer import WriterProcessRecorder
 from mailer.transport import SendResult, SmtpPool, Transport
@@ -88,6 +89,68 @@ EXCEPTION_HANDLERS: Mapping[Any, Callable[[Request, Exception], Any]] = {
     DatabaseError: _database_down,
     MailerError: _bad_input,
 }
+_HOT_METHODS = frozenset(("GET", "HEAD"))
+
+
+class TrackingApp(Starlette):
+    """Starlette, with the open pixel and the click redirect answered before its stack.
+
+    Those two routes are nearly every request the app gets, and the stack (error middleware,
+    security-header middleware, exception middleware, router, route) cost about as much CPU as
+    verifying the token and recording the hit. Here `__call__` hands a GET or HEAD of
+    /o/TOKEN or /c/TOKEN straight to the route's handler, whose precomputed headers already
+    carry the security headers; an exception it raises is answered by the same handler the
+    stack would use (EXCEPTION_HANDLERS), with the security headers added. Everything else,
+    other methods on those paths included (405), goes through the stack as usual.
+    """
+
+    def __init__(
+        self,
+        *,
+        pixel: OpenPixel,
+        click: Click,
+        security: list[tuple[bytes, bytes]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._pixel = pixel
+        self._click = click
+        self._security = security
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] in _HOT_METHODS
+            and not scope.get("root_path")
+        ):
+            path: str = scope["path"]
+            token = path[3:]
+            handler: OpenPixel | Click | None = None
+            if path.startswith("/o/"):
+                handler = self._pixel
+            elif path.startswith("/c/") and token and "/" not in token:
+                handler = self._click
+            if handler is not None:
+                scope["app"] = self
+                scope["path_params"] = {"token": token}
+                try:
+                    await handler(scope, receive, send)
+                except Exception as exc:
+                    answer = _handler_for(exc)
+                    if answer is None:
+                        raise  # uvicorn logs it and answers 500
+                    response = await answer(Request(scope, receive), exc)
+                    secured = SecurityHeadersMiddleware(response, headers=self._security)
+                    await secured(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _handler_for(exc: Exception) -> Callable[[Request, Exception], Any] | None:
+    for kind in type(exc).__mro__:
+        if kind in EXCEPTION_HANDLERS:
+            return EXCEPTION_HANDLERS[kind]
+    return None
 
 
 def create_app(
@@ -96,7 +159,7 @@ def create_app(
     transport: Transport | None = None,
     flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     writer: Literal["thread", "process"] = "thread",
-) -> Starlette:
+) -> TrackingApp:
     """The tracking and recipient app for `mailer` (its settings and database).
 
     `transport` sends the app's own mails (default: a lazily made SmtpPool to
@@ -130,11 +193,17 @@ def create_app(
             finally:
                 await mail.close()
 
-    app = Starlette(
-        routes=[*tracking_routes(), *recipient_routes(notice=page_notice(mailer.engine))],
-        middleware=[
-            Middleware(SecurityHeadersMiddleware, headers=security_headers(settings.logo_url))
+    security = security_headers(settings.logo_url)
+    pixel, click = OpenPixel(security), Click(security)
+    app = TrackingApp(
+        pixel=pixel,
+        click=click,
+        security=security,
+        routes=[
+            *tracking_routes(pixel, click),
+            *recipient_routes(notice=page_notice(mailer.engine)),
         ],
+        middleware=[Middleware(SecurityHeadersMiddleware, headers=security)],
         exception_handlers=dict(EXCEPTION_HANDLERS),
         lifespan=lifespan,
     )

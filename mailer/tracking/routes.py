@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from urllib.parse import quote
 
@@ -83,8 +84,9 @@ def not_found() -> Response:
     return PlainTextResponse("Not found", status_code=404, headers=NO_STORE)
 
 
-# The two hot routes are plain ASGI apps: no Request or Response object per hit, headers built
-# once. Exceptions (a bad click token) still reach the app's exception handlers.
+# The two hot routes are plain ASGI apps: no Request or Response object per hit, and every
+# header (the security headers included, see HotRoutes) built once. Exceptions (a bad click
+# token) still reach the app's exception handlers.
 _PIXEL_HEADERS = [
     (b"content-type", b"image/gif"),
     (b"content-length", str(len(PIXEL)).encode()),
@@ -92,21 +94,30 @@ _PIXEL_HEADERS = [
 ]
 _PIXEL_BODY = {"type": "http.response.body", "body": PIXEL}
 _EMPTY_BODY = {"type": "http.response.body", "body": b""}
+Headers = Sequence[tuple[bytes, bytes]]
 
 
-@functools.lru_cache(maxsize=4096)
-def _redirect_headers(url: str) -> list[tuple[bytes, bytes]]:
+def _redirect_headers(url: str, extra: Headers) -> list[tuple[bytes, bytes]]:
     # quoted as Starlette's RedirectResponse does: a Location header is ASCII
     location = quote(url, safe=":/%#?=@[]!$&'()*+,;")
     return [
         (b"location", location.encode("ascii")),
         (b"content-length", b"0"),
         *((name.encode(), value.encode()) for name, value in NO_STORE.items()),
+        *extra,
     ]
 
 
 class OpenPixel:
-    """The pixel for any token (a broken image helps nobody); an open only for a valid one."""
+    """The pixel for any token (a broken image helps nobody); an open only for a valid one.
+    `headers` are added to the pixel's own (the app's security headers)."""
+
+    def __init__(self, headers: Headers = ()) -> None:
+        self._start = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [*_PIXEL_HEADERS, *headers],
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
@@ -118,12 +129,20 @@ class OpenPixel:
             state.recorder.record(_hit(scope, queries.OPEN, payload[0], payload[1], None))
         elif len(payload) == 1:  # made before open tokens carried the campaign
             state.recorder.record(_hit(scope, queries.OPEN, payload[0], None, None))
-        await send({"type": "http.response.start", "status": 200, "headers": _PIXEL_HEADERS})
+        await send(self._start)
         await send(_EMPTY_BODY if scope["method"] == "HEAD" else _PIXEL_BODY)
 
 
 class Click:
-    """A redirect to the campaign's own link at the token's position, and nowhere else."""
+    """A redirect to the campaign's own link at the token's position, and nowhere else.
+    `headers` are added to the redirect's own (the app's security headers)."""
+
+    def __init__(self, headers: Headers = ()) -> None:
+        extra = tuple(headers)
+        # a campaign's few links, each answered thousands of times: their headers built once
+        self._headers = functools.lru_cache(maxsize=4096)(
+            functools.partial(_redirect_headers, extra=extra)
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = scope["app"].state
@@ -148,9 +167,7 @@ class Click:
         if url is None:
             raise BadToken("the campaign has no link at this position")
         state.recorder.record(_hit(scope, queries.CLICK, delivery_id, campaign_id, position))
-        await send(
-            {"type": "http.response.start", "status": 302, "headers": _redirect_headers(url)}
-        )
+        await send({"type": "http.response.start", "status": 302, "headers": self._headers(url)})
         await send(_EMPTY_BODY)
 
 
@@ -175,11 +192,11 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "unavailable"}, status_code=503, headers=NO_STORE)
 
 
-def tracking_routes() -> list[BaseRoute]:
+def tracking_routes(pixel: OpenPixel, click: Click) -> list[BaseRoute]:
     """GET (and so HEAD) /o/{token}, /c/{token} and /healthz."""
     return [
         # any path under /o/ gets the image, even a token a mail client cut or extended
-        Route("/o/{token:path}", OpenPixel(), methods=["GET"], name="open"),
-        Route("/c/{token}", Click(), methods=["GET"], name="click"),
+        Route("/o/{token:path}", pixel, methods=["GET"], name="open"),
+        Route("/c/{token}", click, methods=["GET"], name="click"),
         Route("/healthz", healthz, methods=["GET"], name="healthz"),
     ]

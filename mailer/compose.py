@@ -8,9 +8,9 @@ from typing import Any
 from mailer.campaigns import CampaignDefinition
 from mailer.config import Settings
 from mailer.delivery_store import Claimed
-from mailer.engagement import HONEYPOT_POSITION
 from mailer.errors import BadInput, ConfigError
 from mailer.message import DkimConfig, MessageTemplate, build_message_template
+from mailer.models import HONEYPOT_POSITION
 from mailer.render import CompiledCampaign, compile_campaign
 from mailer.runner import Composed
 from mailer.tokens import TokenKind, Tokens

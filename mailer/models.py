@@ -10,7 +10,18 @@ from datetime import UTC, date, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Index, column, false, not_
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    column,
+    false,
+    literal_column,
+    not_,
+)
 from sqlmodel import Field, SQLModel
 
 
@@ -226,9 +237,7 @@ class CampaignLink(SQLModel, table=True):
 
 class Delivery(SQLModel, table=True):
     __tablename__ = "deliveries"
-    __table_args__ = (
-        Index("ix_deliveries_claim", "campaign_id", "status", "id"),
-    )
+    __table_args__ = (Index("ix_deliveries_claim", "campaign_id", "status", "id"),)
     id: int | None = Field(default=None, primary_key=True)
     campaign_id: int = Field(foreign_key="campaigns.id")
     contact_id: int = Field(foreign_key="contacts.id")
@@ -253,6 +262,10 @@ class Delivery(SQLModel, table=True):
 
 
 _UNANNOUNCED = not_(column("announced", Boolean))
+# The click position of the honeypot link: far above any campaign's link count (a campaign
+# with this many links is refused when it is composed), and three base-36 digits in a token.
+HONEYPOT_POSITION = 36**3 - 1
+_HONEYPOT_CLICK = column("link_position", Integer) == literal_column(str(HONEYPOT_POSITION))
 
 
 class EngagementEvent(SQLModel, table=True):
@@ -269,6 +282,17 @@ class EngagementEvent(SQLModel, table=True):
             "id",
             sqlite_where=_UNANNOUNCED,
             postgresql_where=_UNANNOUNCED,
+        ),
+        # a delivery's clicks in a time window, for the burst rule; and, by its leading
+        # column, everything asked per delivery (migration 0008)
+        Index("ix_engagement_events_delivery_clicks", "delivery_id", "kind", "occurred_at"),
+        # the few honeypot clicks, for the honeypot rule's longer window (migration 0008)
+        Index(
+            "ix_engagement_events_honeypot",
+            "delivery_id",
+            "occurred_at",
+            sqlite_where=_HONEYPOT_CLICK,
+            postgresql_where=_HONEYPOT_CLICK,
         ),
     )
     id: int | None = Field(default=None, primary_key=True)

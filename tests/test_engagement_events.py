@@ -22,9 +22,10 @@ from sqlalchemy.exc import OperationalError
 
 from mailer import privacy, webhook_dispatch, webhook_endpoints
 from mailer.db import alembic_config
-from mailer.engagement import HONEYPOT_POSITION, EngagementRecorder, Hit
+from mailer.engagement import EngagementRecorder, Hit
 from mailer.engagement_announce import ANNOUNCE_SETTLE, announce_engagement
 from mailer.models import (
+    HONEYPOT_POSITION,
     ConsentStatus,
     EngagementEvent,
     Event,

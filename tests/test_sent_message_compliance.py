@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from mailer.engagement import HONEYPOT_POSITION
 from mailer.message import parse_verp
-from mailer.models import CampaignLink, ConsentStatus, Delivery
+from mailer.models import HONEYPOT_POSITION, CampaignLink, ConsentStatus, Delivery
 from mailer.service import Mailer
 from mailer.tokens import TokenKind, Tokens
 from tests.smtp_server import CaptureServer

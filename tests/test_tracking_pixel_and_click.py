@@ -25,9 +25,10 @@ from starlette.applications import Starlette
 
 from mailer import consent
 from mailer.config import load_settings
-from mailer.engagement import HONEYPOT_POSITION, EngagementRecorder, Hit
+from mailer.engagement import EngagementRecorder, Hit
 from mailer.errors import ConfigError
 from mailer.models import (
+    HONEYPOT_POSITION,
     CampaignLink,
     ConsentMethod,
     ConsentStatus,

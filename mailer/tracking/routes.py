@@ -24,8 +24,9 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from mailer import queries
-from mailer.engagement import HONEYPOT_POSITION, USER_AGENT_LENGTH, Hit
+from mailer.engagement import USER_AGENT_LENGTH, Hit
 from mailer.masking import mask_ip
+from mailer.models import HONEYPOT_POSITION
 from mailer.tokens import BadToken, TokenKind
 from mailer.tracking.classify import MachineReason, request_reason
 

@@ -404,6 +404,17 @@ class EventCheck:
     events: int
     announced: int  # outbox events (message.opened / message.clicked)
     announce_seconds: float = 0.0  # announcing them after shutdown (the dispatcher's work)
+    # engagement events written when the last wrk run ended, before the server was stopped,
+    # and that run's rate: how far recording lagged behind the load
+    written_by_end: int = 0
+    last_rate: float = 0.0
+
+    @property
+    def behind_seconds(self) -> float:
+        """Seconds of the last run's traffic not yet written when the load stopped (the writer
+        flushes once a second, so up to about 1 is expected)."""
+        behind = max(self.requests - self.written_by_end, 0)
+        return behind / self.last_rate if self.last_rate else 0.0
 
     @property
     def lost(self) -> int:
@@ -442,6 +453,7 @@ def run_mailer(
         try:
             wait_for(f"http://127.0.0.1:{port}/healthz", server)
             runs, warmed = measure(label, workers, port, paths, script, args.duration, args.warmup)
+            written_by_end = event_count(database_url, folder)[0] - before[0]
         finally:
             stop(server)  # SIGTERM: each worker writes what it still holds, then exits
         seconds = announce_recorded(database_url, folder)
@@ -451,11 +463,15 @@ def run_mailer(
         for run in runs:
             run.group = label
         results.runs += runs
-        check = EventCheck(label, workers, answered, written, announced, seconds)
+        check = EventCheck(
+            label, workers, answered, written, announced, seconds, written_by_end, runs[-1].rate
+        )
         results.events.append(check)
         print(
             f"  {label:<18} workers={workers} events written {written:,} (outbox {announced:,}) "
             f"for {answered:,} answered requests (warm-ups included): lost {check.lost}; "
+            f"written when the load stopped {written_by_end:,} "
+            f"({check.behind_seconds:.1f} s of traffic behind); "
             f"announced in {seconds:.2f} s, {check.announce_rate:,.0f} rows/s",
             flush=True,
         )
@@ -545,8 +561,9 @@ def report(results: Results) -> list[str]:
         lines.append(
             f"{check.server} x{check.workers}: {check.events:,} events written "
             f"({check.announced:,} in the outbox) for {check.requests:,} requests answered "
-            f"(warm-ups included), lost {check.lost}; announcing (the dispatcher's work) "
-            f"{check.announce_rate:,.0f} rows/s"
+            f"(warm-ups included), lost {check.lost}; {check.written_by_end:,} written when "
+            f"the load stopped ({check.behind_seconds:.1f} s of traffic behind); announcing "
+            f"(the dispatcher's work) {check.announce_rate:,.0f} rows/s"
         )
     return lines
 
@@ -610,7 +627,13 @@ def main() -> None:
         "duration": args.duration,
         "runs": [asdict(r) for r in results.runs],
         "events": [
-            {**asdict(c), "lost": c.lost, "announce_rate": c.announce_rate} for c in results.events
+            {
+                **asdict(c),
+                "lost": c.lost,
+                "announce_rate": c.announce_rate,
+                "behind_seconds": c.behind_seconds,
+            }
+            for c in results.events
         ],
         "table": lines,
     }

@@ -772,6 +772,7 @@ app.add_typer(keys_app, name="keys")
 
 SERVE_APP_FACTORY = "mailer.cli:serve_app"
 WRITER_ENV = "MAILER_TRACKING_WRITER"  # how `serve` tells its workers where hits are written
+NICENESS_ENV = "MAILER_TRACKING_WRITER_NICENESS"  # ... and at which CPU priority
 
 
 class Writer(StrEnum):
@@ -793,6 +794,7 @@ def serve_app() -> Any:
     tracking_app = create_app(
         Mailer(load_settings(dict(os.environ))).ready(),
         writer="thread" if in_thread else "process",
+        writer_niceness=_niceness(os.environ.get(NICENESS_ENV)),
     )
     prepare_worker()
     return tracking_app
@@ -823,6 +825,16 @@ def serve(
             "or a thread of the worker (default MAILER_TRACKING_WRITER, else process)."
         ),
     ] = None,
+    writer_niceness: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=19,
+            help="How much lower the writer processes' CPU priority is than the workers' "
+            "(0 to 19; default MAILER_TRACKING_WRITER_NICENESS, else 19): recording yields "
+            "the CPU to requests and catches up when they leave it idle.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the tracking app (pixel, click, unsubscribe, confirm, preferences) under uvicorn."""
     from mailer.tracking.app import serve as run_server
@@ -830,11 +842,15 @@ def serve(
     chosen = writer.value if writer is not None else os.environ.get(WRITER_ENV) or "process"
     if chosen not in {w.value for w in Writer}:
         raise ConfigError(f"{WRITER_ENV} must be process or thread, not {chosen!r}")
+    niceness = (
+        writer_niceness if writer_niceness is not None else _niceness(os.environ.get(NICENESS_ENV))
+    )
     mailer_for(ctx).close()  # the database and keys are checked before any worker starts
     db = ctx.ensure_object(dict).get("db")
     if db:
         os.environ["MAILER_DATABASE_URL"] = db  # what the workers' settings are built from
     os.environ[WRITER_ENV] = chosen
+    os.environ[NICENESS_ENV] = str(niceness)
     run_server(
         SERVE_APP_FACTORY,
         host=host,
@@ -844,6 +860,20 @@ def serve(
         log_level=log_level,
         access_log=access_log,
     )
+
+
+def _niceness(value: str | None) -> int:
+    from mailer.tracking.writer import WRITER_NICENESS
+
+    if value is None or not value.strip():
+        return WRITER_NICENESS
+    try:
+        niceness = int(value)
+    except ValueError:
+        niceness = -1
+    if not 0 <= niceness <= 19:
+        raise ConfigError(f"{NICENESS_ENV} must be a whole number from 0 to 19, not {value!r}")
+    return niceness
 
 
 def _append_key(path: Path, key: str) -> None:

@@ -150,10 +150,19 @@ class EngagementRecorder:
         self._due = asyncio.Event()
         self._facts = _DeliveryFacts()
         self._campaigns = CampaignFacts()
+        self.failing = False  # the last flush could not write its batch
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    # Requests never wait for this recorder: while the database is down it holds what it can
+    # (max_pending) and drops the rest. (WriterProcessRecorder makes them wait when its writer
+    # process is behind for want of CPU.)
+    crowded = False
+
+    async def room(self) -> None:
+        return None
 
     def record(self, hit: Hit) -> None:
         pending = self._pending
@@ -204,12 +213,14 @@ class EngagementRecorder:
             try:
                 written, reclassified = await anyio.to_thread.run_sync(self._write_all, batch)
             except Exception:
+                self.failing = True
                 self.stats.failed_flushes += 1
                 logger.exception("could not write %d engagement events; will retry", len(batch))
                 keep = max(self.max_pending - len(self._pending), 0)
                 self.stats.dropped += max(len(batch) - keep, 0)
                 self._pending[:0] = batch[:keep]
                 return 0
+            self.failing = False
             self.stats.written += written
             self.stats.discarded += len(batch) - written
             for reason, count in reclassified.items():

@@ -1,5 +1,6 @@
 """Opens and clicks written by a writer process beside each serving worker: every hit reaches
-the database, when the worker stops, when it is killed, and when the writer itself dies."""
+the database, when the worker stops, when it is killed, when the writer itself dies, and when
+the writer falls behind (requests then wait; nothing is dropped)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from mailer.engagement import EngagementRecorder
+from mailer.engagement import EngagementRecorder, Hit
 from mailer.service import Mailer
-from mailer.tracking.writer import SEND_INTERVAL, WriterProcessRecorder
+from mailer.tracking.writer import (
+    SEND_INTERVAL,
+    WRITER_NICENESS,
+    WriterProcessRecorder,
+    _frame,
+    run_writer,
+)
 from tests.smtp_server import CaptureServer
 from tests.test_tracking_pixel_and_click import (
     HUMAN,
@@ -116,6 +124,12 @@ async def test_hits_answered_by_a_worker_killed_with_sigkill_are_still_written(
             await wait_until_serving(http, server)
             writers = _children(server.pid)
             assert len(writers) == 1  # one worker (this process), one writer
+            # recording yields the CPU to the requests (once the writer has started)
+            worker = os.getpriority(os.PRIO_PROCESS, server.pid)
+            await _wait_for(
+                lambda: os.getpriority(os.PRIO_PROCESS, writers[0]) - worker == WRITER_NICENESS,
+                "the writer runs at its worker's priority",
+            )
             for _ in range(30):
                 assert (await http.get(path_of(sent.opens[0]))).status_code == 200
             # a worker hands its hits over every SEND_INTERVAL: only the hits of the last
@@ -132,3 +146,76 @@ def test_serve_refuses_an_unknown_writer(cli: Callable[..., Any]) -> None:
     result = cli("serve", "--writer", "elsewhere")
     assert result.exit_code == 2
     assert "elsewhere" in result.stderr
+
+
+@pytest.mark.asyncio
+async def test_a_writer_that_falls_behind_slows_requests_down_and_loses_nothing(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer, writer="process", flush_interval=3600)
+    recorder = app.state.recorder
+    recorder.crowded_at = 50
+    requests: list[asyncio.Task[httpx.Response]] = []
+    async with client_for(app, lifespan=True) as http:
+        writer = recorder.pid
+        os.kill(writer, signal.SIGSTOP)  # a writer that gets no CPU: its pipe fills up
+        try:
+            # the worker hands what it holds to the pipe at once, until pipe and buffer are full
+            for _ in range(50):
+                batch = [asyncio.create_task(http.get(path_of(sent.opens[0]))) for _ in range(500)]
+                requests += batch
+                await asyncio.wait(batch, timeout=2)
+                if recorder.crowded:
+                    break
+            assert recorder.crowded, "the worker never found its writer behind"
+            await asyncio.sleep(0.3)
+            assert sum(not request.done() for request in requests) > 0  # held back, not dropped
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        responses = await asyncio.gather(*requests)
+        assert {response.status_code for response in responses} == {200}
+        await recorder.flush()
+        assert not recorder.crowded
+    assert event_count(mailer) == len(requests)
+    assert (recorder.stats.recorded, recorder.stats.dropped) == (len(requests), 0)
+
+
+def _hits(count: int) -> list[tuple[Any, ...]]:
+    hit = Hit("open", 1, 1, None, datetime.now(UTC), "192.0.2.0", "agent", None)
+    return [(*hit[:4], hit.at.timestamp(), *hit[5:])] * count
+
+
+@pytest.mark.asyncio
+async def test_a_writer_whose_database_is_down_keeps_reading_instead_of_pausing(
+    tmp_path: Path,
+) -> None:
+    source, sink = os.pipe()
+    answers_read, answers = os.pipe()
+    unreachable = f"sqlite:///{tmp_path / 'no-such-folder' / 'mailer.db'}"
+    frames = [_frame(("start", unreachable))] + [_frame(("hits", _hits(40))) for _ in range(25)]
+    data = b"".join(frames)
+
+    def feed() -> None:
+        with os.fdopen(sink, "wb") as pipe:
+            pipe.write(data)
+
+    try:
+        feeding = asyncio.get_running_loop().run_in_executor(None, feed)
+        # paused at 10 hits, it would wait for writes that cannot succeed and never read on
+        written = await asyncio.wait_for(run_writer(3600, source, answers, pause_at=10), 60)
+        await feeding
+    finally:
+        for fd in (source, answers_read, answers):
+            os.close(fd)
+    assert written == 0
+
+
+def test_serve_refuses_a_writer_niceness_out_of_range(cli: Callable[..., Any]) -> None:
+    result = cli("serve", "--writer-niceness", "25")
+    assert result.exit_code == 2
+    assert "writer-niceness" in result.stderr
+    result = cli("serve", extra_env={"MAILER_TRACKING_WRITER_NICENESS": "high"})
+    assert result.exit_code == 2
+    assert "MAILER_TRACKING_WRITER_NICENESS must be a whole number from 0 to 19" in result.stderr
+    assert "Traceback" not in result.stderr

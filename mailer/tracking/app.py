@@ -40,7 +40,7 @@ from mailer.tokens import BadToken, Tokens
 from mailer.tracking.pages import recipient_routes
 from mailer.tracking.routes import NO_STORE, Click, OpenPixel, not_found, tracking_routes
 from mailer.tracking.security import SecurityHeadersMiddleware, security_headers
-from mailer.tracking.writer import WriterProcessRecorder
+from mailer.tracking.writer import WRITER_NICENESS, WriterProcessRecorder
 from mailer.transport import SendResult, SmtpPool, Transport
 
 logger = logging.getLogger("mailer.tracking")
@@ -159,6 +159,7 @@ def create_app(
     transport: Transport | None = None,
     flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     writer: Literal["thread", "process"] = "thread",
+    writer_niceness: int = WRITER_NICENESS,
 ) -> TrackingApp:
     """The tracking and recipient app for `mailer` (its settings and database).
 
@@ -169,14 +170,17 @@ def create_app(
     without a lifespan (tests), await `app.state.recorder.flush()`. `writer`: where the
     batches are written, a thread of this process or a child process of its own (see
     mailer.tracking.writer; an in-memory SQLite database, which no other process can see,
-    always uses the thread).
+    always uses the thread); `writer_niceness`, how much lower that process's CPU priority is.
     """
     settings = mailer.settings
     tokens = Tokens(settings.secret_keys)
     recorder: EngagementRecorder | WriterProcessRecorder
     if writer == "process" and not _in_memory(settings.database_url):
         recorder = WriterProcessRecorder(
-            mailer.engine, settings.database_url, flush_interval=flush_interval
+            mailer.engine,
+            settings.database_url,
+            flush_interval=flush_interval,
+            niceness=writer_niceness,
         )
     else:
         recorder = EngagementRecorder(mailer.engine, flush_interval=flush_interval)

@@ -36,6 +36,12 @@ NO_STORE = {"cache-control": "no-store, max-age=0"}
 HEALTH_TIMEOUT = 5.0
 
 
+@functools.lru_cache(maxsize=4096)
+def _agent(raw: bytes) -> str:
+    # one string per distinct user agent, however many hits wait with it for the writer
+    return raw[:USER_AGENT_LENGTH].decode("latin-1").replace("\x00", "")
+
+
 @functools.lru_cache(maxsize=8192)
 def _masked(host: str) -> str | None:
     try:
@@ -58,7 +64,7 @@ def _hit(
             agent = value
         elif name == b"referer":
             referrer = value
-    user_agent = agent[:USER_AGENT_LENGTH].decode("latin-1").replace("\x00", "")
+    user_agent = _agent(agent)
     client = scope.get("client")
     host = client[0] if client else None
     if reason is None:
@@ -126,10 +132,13 @@ class OpenPixel:
             payload = state.tokens.verify(TokenKind.OPEN, scope["path_params"]["token"])
         except BadToken:
             payload = ()
+        recorder = state.recorder
         if len(payload) == 2:
-            state.recorder.record(_hit(scope, queries.OPEN, payload[0], payload[1], None))
+            recorder.record(_hit(scope, queries.OPEN, payload[0], payload[1], None))
         elif len(payload) == 1:  # made before open tokens carried the campaign
-            state.recorder.record(_hit(scope, queries.OPEN, payload[0], None, None))
+            recorder.record(_hit(scope, queries.OPEN, payload[0], None, None))
+        if recorder.crowded:  # the writer is far behind: slow down rather than lose hits
+            await recorder.room()
         await send(self._start)
         await send(_EMPTY_BODY if scope["method"] == "HEAD" else _PIXEL_BODY)
 
@@ -167,7 +176,10 @@ class Click:
         url = await state.links.url(campaign_id, position)
         if url is None:
             raise BadToken("the campaign has no link at this position")
-        state.recorder.record(_hit(scope, queries.CLICK, delivery_id, campaign_id, position))
+        recorder = state.recorder
+        recorder.record(_hit(scope, queries.CLICK, delivery_id, campaign_id, position))
+        if recorder.crowded:
+            await recorder.room()
         await send({"type": "http.response.start", "status": 302, "headers": self._headers(url)})
         await send(_EMPTY_BODY)
 

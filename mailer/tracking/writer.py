@@ -22,6 +22,18 @@ If the writer dies, the worker notices and records in-process from then on (an
 EngagementRecorder in a thread, as without a writer); only what the dead writer held and had
 not written is lost.
 
+The writer yields the CPU to the requests: it runs at a lower priority (`niceness`, 19 by
+default, `mailer serve --writer-niceness`). Recording is work nobody waits for, and when the
+machine is saturated a writer at the workers' priority takes a core away from them in bursts
+(it wakes once a second with a second's rows to write), which is what a request queued behind
+it sees as latency. Lowered, it writes when the workers leave the CPU idle, and catches up
+after a peak. It never falls behind without bound: once it holds PAUSE_AT hits and its
+writes succeed, it stops reading until it has written them; the pipe then fills, and a worker
+whose own queue reaches CROWDED_AT makes the requests that add to it wait (`room()`) until the
+writer reads again. Under sustained overload that turns into latency, never into lost hits.
+While the database is down the writer keeps reading (it cannot write anyway), and holds up to
+MAX_PENDING hits, as in-process recording does.
+
 The writer ignores SIGINT and SIGTERM: a Ctrl-C or a service manager's SIGTERM reaches the
 whole process group, and the writer must outlive its worker's graceful shutdown to write the
 last hits. It exits at end of file, which comes when its worker exits, however that happens.
@@ -31,7 +43,7 @@ the URL, which may hold a password, is on no command line that others on the mac
 read), then ("hits", [tuple, ...]) or ("flush", seq). A hit travels as its tuple with the
 time as a POSIX timestamp: marshal takes only plain values, which is fast, and nothing in a
 frame can name a class to build. The writer answers each flush with a line "seq written" on
-stdout.
+stdout. Its command line: `python -m mailer.tracking.writer FLUSH_INTERVAL [NICENESS]`.
 """
 
 from __future__ import annotations
@@ -68,6 +80,13 @@ STOP_TIMEOUT = 60.0  # seconds the worker waits at shutdown for its writer to fi
 # dirties a page for nearly every row, and one of a second's rows shares more of them. (With
 # the in-process recorder's 4,000 a flush, two workers' writers cost about 10% more CPU a hit.)
 WRITER_BATCH_SIZE = 50_000
+WRITER_NICENESS = 19  # how much lower than its worker's the writer's CPU priority is
+# Hits a writer holds before it stops reading (and so, through the pipe, slows its worker's
+# requests down) until it has written them: about 20 s of one worker's hits on a saturated
+# 2-core machine, held in about 100 MB. Below MAX_PENDING by more than a frame can hold
+# (CROWDED_AT and what the requests then waiting add), so nothing read is dropped.
+PAUSE_AT = 400_000
+CROWDED_AT = 50_000  # hits queued in a worker (the pipe full) before requests wait for room
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 256 * 1024 * 1024
 
@@ -101,21 +120,29 @@ class WriterProcessRecorder:
         max_pending: int = MAX_PENDING,
         send_interval: float = SEND_INTERVAL,
         send_batch: int = SEND_BATCH,
+        niceness: int = WRITER_NICENESS,
+        crowded_at: int = CROWDED_AT,
     ) -> None:
         if not flush_interval > 0:
             raise ValueError("flush_interval must be positive")
+        if not 0 <= niceness <= 19:
+            raise ValueError("niceness must be between 0 and 19")
         self.engine = engine
         self.database_url = database_url
         self.flush_interval = flush_interval
         self.max_pending = max_pending
         self.send_interval = min(send_interval, flush_interval)
         self.send_batch = send_batch
+        self.niceness = niceness
+        self.crowded_at = min(crowded_at, max_pending)
         self.stats = RecorderStats()
         self._pending: list[tuple[Any, ...]] = []
         self._process: asyncio.subprocess.Process | None = None
         self._sender: asyncio.Task[None] | None = None
         self._answers: asyncio.Task[None] | None = None
         self._due = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self._stopping = asyncio.Event()
         self._write_lock = asyncio.Lock()
         self._flushes: dict[int, asyncio.Future[int]] = {}
@@ -126,6 +153,15 @@ class WriterProcessRecorder:
     def pending(self) -> int:
         fallback = self._fallback
         return len(self._pending) + (fallback.pending if fallback is not None else 0)
+
+    @property
+    def crowded(self) -> bool:
+        """True while the writer is so far behind that requests should wait for room()."""
+        return not self._room.is_set()
+
+    async def room(self) -> None:
+        """Wait until the writer takes what is queued (at once unless crowded)."""
+        await self._room.wait()
 
     @property
     def pid(self) -> int | None:
@@ -148,6 +184,8 @@ class WriterProcessRecorder:
         self.stats.recorded += 1
         if len(pending) == self.send_batch:
             self._due.set()
+        elif len(pending) >= self.crowded_at:
+            self._room.clear()
 
     async def start(self) -> None:
         if self._process is not None or self._fallback is not None:
@@ -157,6 +195,7 @@ class WriterProcessRecorder:
             "-m",
             "mailer.tracking.writer",
             str(self.flush_interval),
+            str(self.niceness),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -171,6 +210,7 @@ class WriterProcessRecorder:
         it all and exited."""
         self._stopping.set()
         self._due.set()
+        self._room.set()  # nobody waits for a writer that is being stopped
         sender, self._sender = self._sender, None
         if sender is not None:
             await sender
@@ -232,6 +272,7 @@ class WriterProcessRecorder:
         if self._fallback is not None:
             return
         batch, self._pending = self._pending, []
+        self._room.set()
         if batch:
             try:
                 await self._write(_frame(("hits", batch)))
@@ -283,6 +324,7 @@ class WriterProcessRecorder:
             for wire in self._pending:
                 fallback.record(cast(Hit, _hit_from_wire(wire)))
             self._pending = []
+            self._room.set()
             self._fallback = fallback
             if not self._stopping.is_set():
                 asyncio.get_running_loop().create_task(fallback.start())
@@ -292,9 +334,12 @@ class WriterProcessRecorder:
 # -- the writer process ---------------------------------------------------------------------------
 
 
-async def run_writer(flush_interval: float, source: int = 0, answers: int = 1) -> int:
+async def run_writer(
+    flush_interval: float, source: int = 0, answers: int = 1, *, pause_at: int = PAUSE_AT
+) -> int:
     """Read frames from the file descriptor `source` until end of file, recording their hits;
-    answer flushes on `answers`. Returns the rows written."""
+    answer flushes on `answers`. Once `pause_at` hits wait, and the last write succeeded, it
+    writes them before it reads on. Returns the rows written."""
     from mailer.db import make_engine
 
     loop = asyncio.get_running_loop()
@@ -316,6 +361,9 @@ async def run_writer(flush_interval: float, source: int = 0, answers: int = 1) -
                 record = recorder.record
                 for wire in payload:
                     record(cast(Hit, _hit_from_wire(wire)))
+                # far behind, and not because the database is down: write before reading on
+                while recorder.pending >= pause_at and not recorder.failing:
+                    await recorder.flush()
             elif kind == "flush":
                 written = await recorder.flush()
                 os.write(answers, b"%d %d\n" % (payload, written))
@@ -338,9 +386,13 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mailer.tracking.writer [FLUSH_INTERVAL]`, started by a serving worker."""
+    """`python -m mailer.tracking.writer [FLUSH_INTERVAL [NICENESS]]`, started by a serving
+    worker."""
     args = sys.argv[1:] if argv is None else argv
     flush_interval = float(args[0]) if args else DEFAULT_FLUSH_INTERVAL
+    niceness = int(args[1]) if len(args) > 1 else WRITER_NICENESS
+    if niceness:
+        os.nice(niceness)
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")

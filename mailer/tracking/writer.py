@@ -82,11 +82,13 @@ STOP_TIMEOUT = 60.0  # seconds the worker waits at shutdown for its writer to fi
 WRITER_BATCH_SIZE = 50_000
 WRITER_NICENESS = 19  # how much lower than its worker's the writer's CPU priority is
 # Hits a writer holds before it stops reading (and so, through the pipe, slows its worker's
-# requests down) until it has written them: about 20 s of one worker's hits on a saturated
-# 2-core machine, held in about 100 MB. Below MAX_PENDING by more than a frame can hold
-# (CROWDED_AT and what the requests then waiting add), so nothing read is dropped.
-PAUSE_AT = 400_000
-CROWDED_AT = 50_000  # hits queued in a worker (the pipe full) before requests wait for room
+# requests down) until it has written them: about 60 MB. A starved writer cannot even read
+# its pipe, so the worker holds hits too (CROWDED_AT, cheap tuples of shared strings, about
+# 40 MB) before requests wait: together some 25 s of one worker's hits on a saturated 2-core
+# machine. PAUSE_AT plus the largest frame (CROWDED_AT and what waiting requests add) stays
+# below MAX_PENDING, so nothing read is dropped.
+PAUSE_AT = 250_000
+CROWDED_AT = 200_000  # hits queued in a worker (the pipe full) before requests wait for room
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 256 * 1024 * 1024
 

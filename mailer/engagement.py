@@ -231,7 +231,8 @@ class EngagementRecorder:
         try:
             return self._write(batch)
         except (IntegrityError, DataError):
-            self._facts.clear()  # a delivery may have been erased since it was cached
+            # SQLite's foreign key: a delivery may have been erased since it was cached
+            self._facts.clear()
         try:
             return self._write(batch)
         except (IntegrityError, DataError):
@@ -240,8 +241,17 @@ class EngagementRecorder:
 
     def _write(self, batch: Sequence[_Queued]) -> tuple[int, dict[str, int]]:
         with self.engine.begin() as conn:
+            # before anything is read: an erasure in progress is waited for (queries.py)
+            queries.lock_engagement_for_recording(conn)
             facts = self._facts.get(conn, {hit[1] for hit in batch})
             rows, clicks = _rows(batch, facts)
+            if rows and queries.guards_engagement_by_lock(conn):
+                # cached facts may be minutes old, and no foreign key would refuse the row
+                gone = queries.missing_deliveries(conn, {row[0] for row in rows})
+                if gone:
+                    self._facts.forget(gone)
+                    rows = [row for row in rows if row[0] not in gone]
+                    clicks = [click for click in clicks if click.delivery_id not in gone]
             if not rows:
                 return 0, {}
             _insert(conn, rows)
@@ -285,6 +295,10 @@ class _DeliveryFacts:
 
     def clear(self) -> None:
         self._cache.clear()
+
+    def forget(self, delivery_ids: Iterable[int]) -> None:
+        for delivery_id in delivery_ids:
+            self._cache.pop(delivery_id, None)
 
     def get(self, conn: Connection, delivery_ids: Iterable[int]) -> dict[int, _Delivery]:
         now = time.monotonic()

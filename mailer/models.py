@@ -296,6 +296,8 @@ class EngagementEvent(SQLModel, table=True):
         ),
     )
     id: int | None = Field(default=None, primary_key=True)
+    # foreign keys on SQLite; on PostgreSQL recording and erasure lock the table against each
+    # other instead (migration 0009, mailer.queries)
     delivery_id: int = Field(foreign_key="deliveries.id")
     campaign_id: int = Field(foreign_key="campaigns.id")
     contact_id: int | None = Field(default=None, foreign_key="contacts.id")

@@ -894,6 +894,9 @@ def erase_contact(
     """Delete one contact and everything that refers to it, in the caller's transaction;
     returns the erasure's id and what was removed, by kind. The caller suppresses (or not)."""
     conn = session.connection()
+    # first: opens and clicks being recorded for this person are written before we look, and
+    # none is written after (queries.py, "recording against erasure")
+    queries.lock_engagement_for_erasure(conn)
     now = utcnow()
     erasure_id = int(
         conn.execute(

@@ -40,18 +40,21 @@ from typing import Any, NamedTuple
 
 import anyio.to_thread
 from sqlalchemy import (
+    BigInteger,
     Connection,
     DateTime,
     Engine,
     Integer,
     and_,
     any_,
+    bindparam,
     func,
     literal,
     literal_column,
     null,
     or_,
     select,
+    text,
     union_all,
     update,
 )
@@ -476,7 +479,7 @@ def _reclassify(
     trapped: list[int] = []  # deliveries with a honeypot click near these clicks
     bursting: list[int] = []  # deliveries with every link clicked near these clicks
     for chunk in id_chunks(sorted(campaign_of), conn):
-        for delivery_id, near_trap, positions in conn.execute(_candidates(chunk, start, end)):
+        for delivery_id, near_trap, positions in candidates(conn, chunk, start, end):
             if near_trap:
                 trapped.append(delivery_id)
             campaign = campaigns.get(campaign_of[delivery_id])
@@ -583,6 +586,59 @@ def _candidates(ids: Sequence[int], start: datetime, end: datetime) -> Any:
         select(both.c.delivery_id, trapped, positions)
         .group_by(both.c.delivery_id)
         .having(or_(trapped == 1, positions >= 2))
+    )
+
+
+def _candidates_by_delivery(table: str) -> Any:
+    """_candidates on PostgreSQL, asked delivery by delivery: the array as a relation, and for
+    each of its ids an aggregate over that delivery's rows (LATERAL), which the planner cannot
+    turn into a join of its own choosing. It reads the same two index ranges a delivery
+    whatever the statistics say. A table that grows fast (a new installation's first campaign:
+    hundreds of thousands of rows within minutes, autovacuum analysing once a minute) has
+    statistics that call it small, and the grouped query above was then planned as a scan of
+    the time window with every row tested against the array one element at a time: 65 µs of
+    server CPU a click recorded, 18 µs once analysed; this form needs no analysis."""
+    honeypot = HONEYPOT_POSITION
+    return text(
+        f"""
+        SELECT wanted.id AS delivery_id, found.trap, found.positions
+        FROM unnest(:ids) AS wanted(id)
+        CROSS JOIN LATERAL (
+            SELECT max(near.trap) AS trap, count(DISTINCT near.position) AS positions
+            FROM (
+                SELECT 0 AS trap, e.link_position AS position FROM {table} e
+                WHERE e.delivery_id = wanted.id AND e.kind = :click
+                  AND e.occurred_at >= :links_from AND e.occurred_at <= :links_to
+                  AND e.link_position <> {honeypot}
+                UNION ALL
+                SELECT 1, NULL FROM {table} e
+                WHERE e.delivery_id = wanted.id AND e.kind = :click
+                  AND e.link_position = {honeypot}
+                  AND e.occurred_at >= :traps_from AND e.occurred_at <= :traps_to
+            ) AS near
+        ) AS found
+        WHERE found.trap = 1 OR found.positions >= 2
+        """
+    ).bindparams(bindparam("ids", type_=postgresql.ARRAY(BigInteger)))
+
+
+def candidates(
+    conn: Connection, ids: Sequence[int], start: datetime, end: datetime
+) -> Iterable[Any]:
+    """(delivery id, near a honeypot click, link positions clicked) for the deliveries of
+    `ids` that a click rule may apply to (see _candidates)."""
+    if not isinstance(ids, _IdArray):
+        return conn.execute(_candidates(ids, start, end))
+    return conn.execute(
+        _candidates_by_delivery(queries.engagement_events.name),
+        {
+            "ids": list(ids),
+            "click": queries.CLICK,
+            "links_from": start - BURST_WINDOW,
+            "links_to": end + BURST_WINDOW,
+            "traps_from": start - HONEYPOT_WINDOW,
+            "traps_to": end + HONEYPOT_WINDOW,
+        },
     )
 
 

@@ -490,9 +490,9 @@ def _reclassify(
 
     flagged: dict[str, set[int]] = defaultdict(set)
     for chunk in id_chunks(trapped, conn):
-        query = _clicks_between(chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW)
+        found = clicks_between(conn, chunk, start - HONEYPOT_WINDOW, end + HONEYPOT_WINDOW)
         by_delivery: dict[int, list[Any]] = defaultdict(list)
-        for row in conn.execute(query):
+        for row in found:
             by_delivery[row.delivery_id].append(row)
         for rows in by_delivery.values():
             traps = [as_utc(r.occurred_at) for r in rows if r.link_position == HONEYPOT_POSITION]
@@ -501,9 +501,9 @@ def _reclassify(
                 if not row.machine and any(abs(at - t) <= HONEYPOT_WINDOW for t in traps):
                     flagged[MachineReason.HONEYPOT_NEIGHBOUR.value].add(row.id)
     for chunk in id_chunks(bursting, conn):
-        query = _clicks_between(chunk, start - BURST_WINDOW, end + BURST_WINDOW)
+        found = clicks_between(conn, chunk, start - BURST_WINDOW, end + BURST_WINDOW)
         by_delivery = defaultdict(list)
-        for row in conn.execute(query):
+        for row in found:
             if row.link_position != HONEYPOT_POSITION:
                 by_delivery[row.delivery_id].append(row)
         for delivery_id, rows in by_delivery.items():
@@ -640,6 +640,37 @@ def candidates(
             "traps_to": end + HONEYPOT_WINDOW,
         },
     )
+
+
+def _clicks_between_by_delivery(table: str) -> Any:
+    """_clicks_between on PostgreSQL, delivery by delivery, for the reason given at
+    _candidates_by_delivery. `OFFSET 0` keeps the planner from pulling the LATERAL subquery up
+    into a join it would order by the (possibly stale) statistics: each id gets its own range
+    scan of ix_engagement_events_delivery_clicks."""
+    return text(
+        f"""
+        SELECT found.id, found.delivery_id, found.link_position, found.occurred_at, found.machine
+        FROM unnest(:ids) AS wanted(id)
+        CROSS JOIN LATERAL (
+            SELECT e.id, e.delivery_id, e.link_position, e.occurred_at, e.machine
+            FROM {table} e
+            WHERE e.delivery_id = wanted.id AND e.kind = :click
+              AND e.occurred_at >= :start AND e.occurred_at <= :end
+            OFFSET 0
+        ) AS found
+        """
+    ).bindparams(bindparam("ids", type_=postgresql.ARRAY(BigInteger)))
+
+
+def clicks_between(
+    conn: Connection, ids: Sequence[int], start: datetime, end: datetime
+) -> Iterable[Any]:
+    """The clicks of these deliveries in [start, end]: id, delivery_id, link_position,
+    occurred_at, machine."""
+    if not isinstance(ids, _IdArray):
+        return conn.execute(_clicks_between(ids, start, end))
+    parameters = {"ids": list(ids), "click": queries.CLICK, "start": start, "end": end}
+    return conn.execute(_clicks_between_by_delivery(queries.engagement_events.name), parameters)
 
 
 def _clicks_between(ids: Sequence[int], start: datetime, end: datetime) -> Any:

@@ -141,9 +141,17 @@ async def test_an_erasure_during_a_batch_waits_for_it_and_removes_what_it_wrote(
     assert orphans(mailer) == 0
 
 
-def test_missing_deliveries_names_only_those_that_are_gone(mailer: Mailer) -> None:
+@pytest.mark.asyncio
+async def test_missing_deliveries_names_only_those_that_are_gone(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
     with mailer.engine.connect() as conn:
         if not queries.guards_engagement_by_lock(conn):
             pytest.skip("SQLite checks deliveries by its foreign keys, not by this query")
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    here = sent.delivery_id
+    gone = [here + 1000, 2**40]
+    with mailer.engine.connect() as conn:
         assert queries.missing_deliveries(conn, []) == set()
-        assert queries.missing_deliveries(conn, [7, 7, 2**40]) == {7, 2**40}
+        assert queries.missing_deliveries(conn, [here, here]) == set()
+        assert queries.missing_deliveries(conn, [here, *gone, gone[0]]) == set(gone)

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mailer.cli_support import JsonOption, err, handled, mailer_for, out
-from mailer.config import load_settings, parse_keys, redact_url
+from mailer.config import load_settings, parse_bool, parse_keys, redact_url
 from mailer.errors import ConfigError
 from mailer.imports import ImportSummary
 from mailer.models import ConsentStatus, as_utc
@@ -773,6 +773,7 @@ app.add_typer(keys_app, name="keys")
 SERVE_APP_FACTORY = "mailer.cli:serve_app"
 WRITER_ENV = "MAILER_TRACKING_WRITER"  # how `serve` tells its workers where hits are written
 NICENESS_ENV = "MAILER_TRACKING_WRITER_NICENESS"  # ... and at which CPU priority
+IDLE_ENV = "MAILER_TRACKING_WRITER_IDLE"  # ... and whether under SCHED_IDLE
 
 
 class Writer(StrEnum):
@@ -795,6 +796,7 @@ def serve_app() -> Any:
         Mailer(load_settings(dict(os.environ))).ready(),
         writer="thread" if in_thread else "process",
         writer_niceness=_niceness(os.environ.get(NICENESS_ENV)),
+        writer_idle=_idle(os.environ.get(IDLE_ENV)),
     )
     prepare_worker()
     return tracking_app
@@ -835,6 +837,14 @@ def serve(
             "the CPU to requests and catches up when they leave it idle.",
         ),
     ] = None,
+    writer_idle: Annotated[
+        bool | None,
+        typer.Option(
+            "--writer-idle/--no-writer-idle",
+            help="Run the writer processes under Linux's SCHED_IDLE policy, on CPU time "
+            "nothing else wants (default MAILER_TRACKING_WRITER_IDLE, else on).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the tracking app (pixel, click, unsubscribe, confirm, preferences) under uvicorn."""
     from mailer.tracking.app import serve as run_server
@@ -845,12 +855,14 @@ def serve(
     niceness = (
         writer_niceness if writer_niceness is not None else _niceness(os.environ.get(NICENESS_ENV))
     )
+    idle = writer_idle if writer_idle is not None else _idle(os.environ.get(IDLE_ENV))
     mailer_for(ctx).close()  # the database and keys are checked before any worker starts
     db = ctx.ensure_object(dict).get("db")
     if db:
         os.environ["MAILER_DATABASE_URL"] = db  # what the workers' settings are built from
     os.environ[WRITER_ENV] = chosen
     os.environ[NICENESS_ENV] = str(niceness)
+    os.environ[IDLE_ENV] = "1" if idle else "0"
     run_server(
         SERVE_APP_FACTORY,
         host=host,
@@ -874,6 +886,14 @@ def _niceness(value: str | None) -> int:
     if not 0 <= niceness <= 19:
         raise ConfigError(f"{NICENESS_ENV} must be a whole number from 0 to 19, not {value!r}")
     return niceness
+
+
+def _idle(value: str | None) -> bool:
+    from mailer.tracking.writer import WRITER_IDLE
+
+    if value is None or not value.strip():
+        return WRITER_IDLE
+    return parse_bool(value, IDLE_ENV)
 
 
 def _append_key(path: Path, key: str) -> None:

@@ -185,7 +185,7 @@ def parse_keys(raw: str, origin: str) -> tuple[str, ...]:
     return keys
 
 
-def _parse_bool(raw: object, origin: str) -> bool:
+def parse_bool(raw: object, origin: str) -> bool:
     if isinstance(raw, bool):
         return raw
     text = str(raw).strip().lower()
@@ -300,7 +300,7 @@ def load_settings(
             pick("MAILER_RETENTION_DEAD_LETTERS_DAYS", "retention_dead_letters_days", 90),
             "MAILER_RETENTION_DEAD_LETTERS_DAYS",
         ),
-        webhook_allow_private=_parse_bool(
+        webhook_allow_private=parse_bool(
             env.get(
                 "MAILER_WEBHOOK_ALLOW_PRIVATE", file_values.get("webhook_allow_private", False)
             ),
@@ -311,7 +311,7 @@ def load_settings(
         base_url=str(
             env.get("MAILER_BASE_URL") or file_values.get("base_url") or DEFAULT_BASE_URL
         ).rstrip("/"),
-        require_double_opt_in=_parse_bool(
+        require_double_opt_in=parse_bool(
             env.get(
                 "MAILER_REQUIRE_DOUBLE_OPT_IN", file_values.get("require_double_opt_in", False)
             ),

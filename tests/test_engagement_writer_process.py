@@ -142,6 +142,59 @@ async def test_hits_answered_by_a_worker_killed_with_sigkill_are_still_written(
     await _wait_for(lambda: not _alive(writers[0]), "the writer outlived its worker")
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is a Linux policy")
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("options", "extra_env", "idle"),
+    [
+        ((), {}, True),
+        (("--no-writer-idle",), {}, False),
+        ((), {"MAILER_TRACKING_WRITER_IDLE": "false"}, False),
+        (("--writer-idle",), {"MAILER_TRACKING_WRITER_IDLE": "false"}, True),
+    ],
+    ids=["default", "option-off", "environment-off", "option-over-environment"],
+)
+async def test_the_writer_runs_only_on_cpu_time_nothing_else_wants(
+    mailer: Mailer,
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    env: dict[str, str],
+    tmp_path: Path,
+    options: tuple[str, ...],
+    extra_env: dict[str, str],
+    idle: bool,
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    server, base = start_serve({**env, **extra_env}, tmp_path, *options)
+    try:
+        async with httpx.AsyncClient(base_url=base, headers={"user-agent": HUMAN}) as http:
+            await wait_until_serving(http, server)
+            (writer,) = _children(server.pid)
+            wanted = os.SCHED_IDLE if idle else os.SCHED_OTHER
+            await _wait_for(
+                lambda: os.sched_getscheduler(writer) == wanted
+                and os.getpriority(os.PRIO_PROCESS, writer) > 0,  # lowered, then started
+                f"the writer's policy is {os.sched_getscheduler(writer)}, not {wanted}",
+            )
+            assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER  # requests are not
+            for _ in range(3):
+                assert (await http.get(path_of(sent.opens[0]))).status_code == 200
+            await _wait_for(lambda: event_count(mailer) == 3, "the writer did not write")
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+    assert event_count(mailer) == 3
+
+
+def test_serve_refuses_a_writer_idle_setting_that_is_not_a_yes_or_no(
+    cli: Callable[..., Any],
+) -> None:
+    result = cli("serve", extra_env={"MAILER_TRACKING_WRITER_IDLE": "sometimes"})
+    assert result.exit_code == 2
+    assert "MAILER_TRACKING_WRITER_IDLE: expected true or false, got 'sometimes'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_refuses_an_unknown_writer(cli: Callable[..., Any]) -> None:
     result = cli("serve", "--writer", "elsewhere")
     assert result.exit_code == 2

@@ -40,7 +40,7 @@ from mailer.tokens import BadToken, Tokens
 from mailer.tracking.pages import recipient_routes
 from mailer.tracking.routes import NO_STORE, Click, OpenPixel, not_found, tracking_routes
 from mailer.tracking.security import SecurityHeadersMiddleware, security_headers
-from mailer.tracking.writer import WRITER_NICENESS, WriterProcessRecorder
+from mailer.tracking.writer import WRITER_IDLE, WRITER_NICENESS, WriterProcessRecorder
 from mailer.transport import SendResult, SmtpPool, Transport
 
 logger = logging.getLogger("mailer.tracking")
@@ -160,6 +160,7 @@ def create_app(
     flush_interval: float = DEFAULT_FLUSH_INTERVAL,
     writer: Literal["thread", "process"] = "thread",
     writer_niceness: int = WRITER_NICENESS,
+    writer_idle: bool = WRITER_IDLE,
 ) -> TrackingApp:
     """The tracking and recipient app for `mailer` (its settings and database).
 
@@ -170,7 +171,8 @@ def create_app(
     without a lifespan (tests), await `app.state.recorder.flush()`. `writer`: where the
     batches are written, a thread of this process or a child process of its own (see
     mailer.tracking.writer; an in-memory SQLite database, which no other process can see,
-    always uses the thread); `writer_niceness`, how much lower that process's CPU priority is.
+    always uses the thread); `writer_niceness`, how much lower that process's CPU priority is;
+    `writer_idle`, whether it runs under SCHED_IDLE (only on CPU time nothing else wants).
     """
     settings = mailer.settings
     tokens = Tokens(settings.secret_keys)
@@ -181,6 +183,7 @@ def create_app(
             settings.database_url,
             flush_interval=flush_interval,
             niceness=writer_niceness,
+            idle=writer_idle,
         )
     else:
         recorder = EngagementRecorder(mailer.engine, flush_interval=flush_interval)

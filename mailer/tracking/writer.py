@@ -23,14 +23,20 @@ EngagementRecorder in a thread, as without a writer); only what the dead writer 
 not written is lost.
 
 The writer yields the CPU to the requests: it runs at a lower priority (`niceness`, 19 by
-default, `mailer serve --writer-niceness`). Recording is work nobody waits for, and when the
-machine is saturated a writer at the workers' priority takes a core away from them in bursts
-(it wakes once a second with a second's rows to write), which is what a request queued behind
-it sees as latency. Lowered, it writes when the workers leave the CPU idle, and catches up
-after a peak. It never falls behind without bound: once it holds PAUSE_AT hits and its
-writes succeed, it stops reading until it has written them; the pipe then fills, and a worker
-whose own queue reaches CROWDED_AT makes the requests that add to it wait (`room()`) until the
-writer reads again. Under sustained overload that turns into latency, never into lost hits.
+default, `mailer serve --writer-niceness`) and, on Linux, under the kernel's SCHED_IDLE policy
+(`idle`, on by default, `mailer serve --no-writer-idle` to keep the plain policy). Recording is
+work nobody waits for, and when the machine is saturated a writer at the workers' priority
+takes a core away from them in bursts (it wakes once a second with a second's rows to write),
+which is what a request queued behind it sees as latency. Niceness alone only shrinks its
+share: the core it runs on still counts as busy, so a worker, wrk or the database woken
+meanwhile is queued elsewhere, and the writer's own queries go on starting the database's work
+during the peak. A core that runs only SCHED_IDLE tasks counts as idle: whatever wakes is
+placed there and preempts the writer at once. Lowered, it writes when the workers leave the
+CPU idle, and catches up after a peak. It never falls behind without bound: once it holds
+PAUSE_AT hits and its writes succeed, it stops reading until it has written them; the pipe
+then fills, and a worker whose own queue reaches CROWDED_AT makes the requests that add to it
+wait (`room()`) until the writer reads again. Under sustained overload that turns into
+latency, never into lost hits.
 While the database is down the writer keeps reading (it cannot write anyway), and holds up to
 MAX_PENDING hits, as in-process recording does.
 
@@ -43,7 +49,8 @@ the URL, which may hold a password, is on no command line that others on the mac
 read), then ("hits", [tuple, ...]) or ("flush", seq). A hit travels as its tuple with the
 time as a POSIX timestamp: marshal takes only plain values, which is fast, and nothing in a
 frame can name a class to build. The writer answers each flush with a line "seq written" on
-stdout. Its command line: `python -m mailer.tracking.writer FLUSH_INTERVAL [NICENESS]`.
+stdout. Its command line: `python -m mailer.tracking.writer FLUSH_INTERVAL [NICENESS [IDLE]]`
+(IDLE 1 or 0).
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ STOP_TIMEOUT = 60.0  # seconds the worker waits at shutdown for its writer to fi
 # the in-process recorder's 4,000 a flush, two workers' writers cost about 10% more CPU a hit.)
 WRITER_BATCH_SIZE = 50_000
 WRITER_NICENESS = 19  # how much lower than its worker's the writer's CPU priority is
+WRITER_IDLE = True  # whether the writer runs under SCHED_IDLE (Linux), see above
 # Hits a writer holds before it stops reading (and so, through the pipe, slows its worker's
 # requests down) until it has written them: about 60 MB. A starved writer cannot even read
 # its pipe, so the worker holds hits too (CROWDED_AT, cheap tuples of shared strings, about
@@ -123,6 +131,7 @@ class WriterProcessRecorder:
         send_interval: float = SEND_INTERVAL,
         send_batch: int = SEND_BATCH,
         niceness: int = WRITER_NICENESS,
+        idle: bool = WRITER_IDLE,
         crowded_at: int = CROWDED_AT,
     ) -> None:
         if not flush_interval > 0:
@@ -136,6 +145,7 @@ class WriterProcessRecorder:
         self.send_interval = min(send_interval, flush_interval)
         self.send_batch = send_batch
         self.niceness = niceness
+        self.idle = idle
         self.crowded_at = min(crowded_at, max_pending)
         self.stats = RecorderStats()
         self._pending: list[tuple[Any, ...]] = []
@@ -198,6 +208,7 @@ class WriterProcessRecorder:
             "mailer.tracking.writer",
             str(self.flush_interval),
             str(self.niceness),
+            "1" if self.idle else "0",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -387,17 +398,36 @@ async def _read_frame(reader: asyncio.StreamReader) -> tuple[str, Any] | None:
     return str(kind), payload
 
 
+def lower_priority(niceness: int, idle: bool) -> bool:
+    """Lower this process's CPU priority by `niceness` and, if `idle`, move it to SCHED_IDLE
+    where the system has it; returns whether it runs under SCHED_IDLE now. There is no way
+    back: an unprivileged process may leave SCHED_IDLE only for a niceness it may have."""
+    if niceness:
+        os.nice(niceness)
+    if not idle:
+        return False
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None:  # not Linux: the niceness is all there is
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError as exc:  # a sandbox that forbids it: the niceness still applies
+        logger.warning("the engagement writer cannot run under SCHED_IDLE: %s", exc)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m mailer.tracking.writer [FLUSH_INTERVAL [NICENESS]]`, started by a serving
-    worker."""
+    """`python -m mailer.tracking.writer [FLUSH_INTERVAL [NICENESS [IDLE]]]`, started by a
+    serving worker."""
     args = sys.argv[1:] if argv is None else argv
     flush_interval = float(args[0]) if args else DEFAULT_FLUSH_INTERVAL
     niceness = int(args[1]) if len(args) > 1 else WRITER_NICENESS
-    if niceness:
-        os.nice(niceness)
+    idle = args[2] != "0" if len(args) > 2 else WRITER_IDLE
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(name)s: %(message)s")
+    lower_priority(niceness, idle)
     asyncio.run(run_writer(flush_interval))
     return 0
 

@@ -18,7 +18,10 @@ import pytest
 
 from mailer.engagement import EngagementRecorder, Hit
 from mailer.service import Mailer
+from mailer.tracking import writer as writer_module
 from mailer.tracking.writer import (
+    CROWDED_AT,
+    FRAME_HITS,
     SEND_INTERVAL,
     WRITER_NICENESS,
     WriterProcessRecorder,
@@ -209,6 +212,7 @@ async def test_a_writer_that_falls_behind_slows_requests_down_and_loses_nothing(
     app = make_app(mailer, writer="process", flush_interval=3600)
     recorder = app.state.recorder
     recorder.crowded_at = 50
+    recorder.pipe_buffer = 0  # the backlog is kept as queued hits as soon as the pipe is full
     requests: list[asyncio.Task[httpx.Response]] = []
     async with client_for(app, lifespan=True) as http:
         writer = recorder.pid
@@ -232,6 +236,80 @@ async def test_a_writer_that_falls_behind_slows_requests_down_and_loses_nothing(
         assert not recorder.crowded
     assert event_count(mailer) == len(requests)
     assert (recorder.stats.recorded, recorder.stats.dropped) == (len(requests), 0)
+
+
+@pytest.mark.asyncio
+async def test_a_backlog_leaves_in_small_frames_and_a_flush_meanwhile_waits_for_all_of_it(
+    mailer: Mailer,
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A starved writer's backlog goes down the pipe a frame at a time (one frame of it all
+    held the event loop for tens of milliseconds); a flush() asked for while it goes covers
+    every hit recorded before it."""
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    sizes: list[int] = []
+    real_frame = writer_module._frame
+
+    def counting_frame(message: tuple[str, Any]) -> bytes:
+        if message[0] == "hits":
+            sizes.append(len(message[1]))
+        return real_frame(message)
+
+    monkeypatch.setattr(writer_module, "_frame", counting_frame)
+    app = make_app(mailer, writer="process", flush_interval=3600)
+    recorder = app.state.recorder
+    recorder.pipe_buffer = 0  # the backlog is kept as queued hits as soon as the pipe is full
+    backlog = 4 * FRAME_HITS + 7
+    hit = Hit("open", sent.delivery_id, sent.campaign_id, None, datetime.now(UTC), None, "a", None)
+    async with client_for(app, lifespan=True):
+        writer = recorder.pid
+        os.kill(writer, signal.SIGSTOP)  # a writer that gets no CPU: its pipe fills up
+        try:
+            for _ in range(backlog):
+                recorder.record(hit)
+            await asyncio.sleep(SEND_INTERVAL * 10)
+            assert recorder.pending > FRAME_HITS, "the pipe took the whole backlog"
+            flushed = asyncio.create_task(recorder.flush())
+            await asyncio.sleep(0.2)
+            assert not flushed.done()  # it waits for the writer, which is stopped
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        await asyncio.wait_for(flushed, 60)
+        assert event_count(mailer) == backlog
+        assert recorder.pending == 0
+    assert sum(sizes) == backlog
+    assert max(sizes) <= FRAME_HITS
+    assert event_count(mailer) == backlog
+
+
+@pytest.mark.asyncio
+async def test_a_starved_writers_backlog_waits_as_frames_without_holding_requests_back(
+    mailer: Mailer, smtp_server: CaptureServer, campaign_file: Callable[..., Path]
+) -> None:
+    """More hits than CROWDED_AT behind a writer that gets no CPU: they wait in the worker as
+    frames for the pipe (38 bytes a hit), no request waits for room, and all are written once
+    the writer runs again."""
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    app = make_app(mailer, writer="process", flush_interval=3600)
+    recorder = app.state.recorder
+    backlog = CROWDED_AT + 5 * FRAME_HITS
+    hit = Hit("open", sent.delivery_id, sent.campaign_id, None, datetime.now(UTC), None, "a", None)
+    async with client_for(app, lifespan=True) as http:
+        writer = recorder.pid
+        os.kill(writer, signal.SIGSTOP)
+        try:
+            for _ in range(backlog):
+                recorder.record(hit)
+            await _wait_for(lambda: recorder.pending == 0, "the backlog stayed queued as hits")
+            assert not recorder.crowded
+            answered = await asyncio.wait_for(http.get(path_of(sent.opens[0])), 5)
+            assert answered.status_code == 200
+        finally:
+            os.kill(writer, signal.SIGCONT)
+        await asyncio.wait_for(recorder.flush(), 120)
+    assert event_count(mailer) == backlog + 1
 
 
 def _hits(count: int) -> list[tuple[Any, ...]]:

@@ -7,9 +7,10 @@ code as in-process recording. What changes is where that work holds the GIL: in 
 serving process, a flush of thousands of rows took the interpreter from the event loop for
 long stretches, and every request waiting behind it saw that in its latency.
 
-    WriterProcessRecorder   the worker's side: record() appends to a list; a task pickles the
-                            list to the writer every SEND_INTERVAL (or at SEND_BATCH hits);
-                            flush() waits until the writer has written everything sent
+    WriterProcessRecorder   the worker's side: record() appends to a list; a task sends the
+                            list to the writer every SEND_INTERVAL (or at SEND_BATCH hits),
+                            in frames of at most FRAME_HITS; flush() waits until the writer
+                            has written everything sent
     run_writer() / main()   the writer's side (`python -m mailer.tracking.writer`): reads
                             frames from stdin until end of file, then writes what it holds
                             and exits
@@ -17,7 +18,8 @@ long stretches, and every request waiting behind it saw that in its latency.
 Nothing is lost when the worker stops: stop() sends what is queued and closes the pipe, and
 the writer writes everything before it exits. When the worker dies (SIGKILL, a crash), the
 pipe's end of file tells the writer, which writes everything it had received: only the hits
-of the worker's last SEND_INTERVAL die with it (in-process recording loses up to a second's).
+of the worker's last SEND_INTERVAL die with it (in-process recording loses up to a second's),
+plus, on a saturated machine, the backlog the starved writer had not read yet (see below).
 If the writer dies, the worker notices and records in-process from then on (an
 EngagementRecorder in a thread, as without a writer); only what the dead writer held and had
 not written is lost.
@@ -33,10 +35,11 @@ meanwhile is queued elsewhere, and the writer's own queries go on starting the d
 during the peak. A core that runs only SCHED_IDLE tasks counts as idle: whatever wakes is
 placed there and preempts the writer at once. Lowered, it writes when the workers leave the
 CPU idle, and catches up after a peak. It never falls behind without bound: once it holds
-PAUSE_AT hits and its writes succeed, it stops reading until it has written them; the pipe
-then fills, and a worker whose own queue reaches CROWDED_AT makes the requests that add to it
-wait (`room()`) until the writer reads again. Under sustained overload that turns into
-latency, never into lost hits.
+PAUSE_AT hits and its writes succeed, it stops reading until it has written them. A writer
+that gets no CPU at all cannot even read: the pipe then fills, and the worker keeps what
+follows as frames ready to go (PIPE_BUFFER bytes, at 38 bytes a hit), then as queued hits; once
+that queue reaches CROWDED_AT, the requests that add to it wait (`room()`) until the writer
+reads again. Under sustained overload that turns into latency, never into lost hits.
 While the database is down the writer keeps reading (it cannot write anyway), and holds up to
 MAX_PENDING hits, as in-process recording does.
 
@@ -80,6 +83,12 @@ logger = logging.getLogger("mailer.engagement")
 
 SEND_INTERVAL = 0.02  # seconds a hit waits in the worker before it is handed to the writer
 SEND_BATCH = 512  # hits that are sent at once, without waiting for the interval
+# The most hits in one frame. While the writer is starved its pipe stays full and the worker's
+# queue grows (to CROWDED_AT); marshalling it as one frame held the event loop for 20 ms and
+# more (about 0.13 µs a hit), and every request waiting meanwhile saw that. A frame of 2,048
+# hits takes a third of a millisecond, and the queue goes down the pipe frame by frame, with
+# requests answered between them.
+FRAME_HITS = 2048
 STOP_TIMEOUT = 60.0  # seconds the worker waits at shutdown for its writer to finish
 # The writer flushes at its interval (a second), early only once this many hits wait. Nobody
 # waits for its transactions, and a bigger one writes fewer database pages a row: the index
@@ -90,13 +99,16 @@ WRITER_BATCH_SIZE = 50_000
 WRITER_NICENESS = 19  # how much lower than its worker's the writer's CPU priority is
 WRITER_IDLE = True  # whether the writer runs under SCHED_IDLE (Linux), see above
 # Hits a writer holds before it stops reading (and so, through the pipe, slows its worker's
-# requests down) until it has written them: about 60 MB. A starved writer cannot even read
-# its pipe, so the worker holds hits too (CROWDED_AT, cheap tuples of shared strings, about
-# 40 MB) before requests wait: together some 25 s of one worker's hits on a saturated 2-core
-# machine. PAUSE_AT plus the largest frame (CROWDED_AT and what waiting requests add) stays
-# below MAX_PENDING, so nothing read is dropped.
+# requests down) until it has written them: about 60 MB. PAUSE_AT plus the largest frame
+# (FRAME_HITS) stays far below MAX_PENDING, so nothing read is dropped.
 PAUSE_AT = 250_000
-CROWDED_AT = 200_000  # hits queued in a worker (the pipe full) before requests wait for room
+# A writer under SCHED_IDLE on a saturated machine gets almost no CPU, not even enough to read
+# its pipe, so the worker holds the backlog. As frames waiting for the pipe it costs 38 bytes a
+# hit, against some 200 as queued tuples: PIPE_BUFFER holds about 880,000 hits, a minute of one
+# worker's on a saturated 2-core machine. Only then does the queue grow, and at CROWDED_AT
+# (about 10 MB more) requests wait for room.
+PIPE_BUFFER = 32 * 1024 * 1024
+CROWDED_AT = 50_000  # hits queued in a worker (the pipe full) before requests wait for room
 _HEADER = struct.Struct(">I")
 _MAX_FRAME = 256 * 1024 * 1024
 
@@ -133,6 +145,7 @@ class WriterProcessRecorder:
         niceness: int = WRITER_NICENESS,
         idle: bool = WRITER_IDLE,
         crowded_at: int = CROWDED_AT,
+        pipe_buffer: int = PIPE_BUFFER,
     ) -> None:
         if not flush_interval > 0:
             raise ValueError("flush_interval must be positive")
@@ -147,8 +160,10 @@ class WriterProcessRecorder:
         self.niceness = niceness
         self.idle = idle
         self.crowded_at = min(crowded_at, max_pending)
+        self.pipe_buffer = pipe_buffer
         self.stats = RecorderStats()
         self._pending: list[tuple[Any, ...]] = []
+        self._sending = 0  # hits taken from _pending by _send() and not yet in the pipe
         self._process: asyncio.subprocess.Process | None = None
         self._sender: asyncio.Task[None] | None = None
         self._answers: asyncio.Task[None] | None = None
@@ -157,6 +172,7 @@ class WriterProcessRecorder:
         self._room.set()
         self._stopping = asyncio.Event()
         self._write_lock = asyncio.Lock()
+        self._send_lock = asyncio.Lock()
         self._flushes: dict[int, asyncio.Future[int]] = {}
         self._sequence = 0
         self._fallback: EngagementRecorder | None = None
@@ -164,7 +180,8 @@ class WriterProcessRecorder:
     @property
     def pending(self) -> int:
         fallback = self._fallback
-        return len(self._pending) + (fallback.pending if fallback is not None else 0)
+        queued = len(self._pending) + self._sending
+        return queued + (fallback.pending if fallback is not None else 0)
 
     @property
     def crowded(self) -> bool:
@@ -187,7 +204,8 @@ class WriterProcessRecorder:
             self.stats.recorded += 1
             return
         pending = self._pending
-        if len(pending) >= self.max_pending:
+        queued = len(pending) + self._sending
+        if queued >= self.max_pending:
             self.stats.dropped += 1
             return
         # a plain tuple of plain values (which the collector stops tracking), ready for marshal
@@ -196,7 +214,7 @@ class WriterProcessRecorder:
         self.stats.recorded += 1
         if len(pending) == self.send_batch:
             self._due.set()
-        elif len(pending) >= self.crowded_at:
+        elif queued + 1 >= self.crowded_at:
             self._room.clear()
 
     async def start(self) -> None:
@@ -212,6 +230,8 @@ class WriterProcessRecorder:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        if self._process.stdin is not None:  # drain() waits only once this much waits to go
+            self._process.stdin.transport.set_write_buffer_limits(high=self.pipe_buffer)
         with contextlib.suppress(WriterGone):  # noticed by the answer reader
             await self._write(_frame(("start", self.database_url)))
         self._stopping.clear()
@@ -282,16 +302,26 @@ class WriterProcessRecorder:
                 return
 
     async def _send(self) -> None:
+        """Hand everything queued to the pipe, FRAME_HITS at a time."""
         if self._fallback is not None:
             return
-        batch, self._pending = self._pending, []
-        self._room.set()
-        if batch:
+        async with self._send_lock:  # frames leave in the order their hits came
+            batch, self._pending = self._pending, []
+            self._sending = len(batch)
             try:
-                await self._write(_frame(("hits", batch)))
-            except WriterGone:
-                self._pending[:0] = batch
-                raise
+                for start in range(0, len(batch), FRAME_HITS):
+                    try:
+                        await self._write(_frame(("hits", batch[start : start + FRAME_HITS])))
+                    except WriterGone:
+                        self._pending[:0] = batch[start:]
+                        raise
+                    self._sending = max(len(batch) - start - FRAME_HITS, 0)
+                    if len(self._pending) + self._sending < self.crowded_at:
+                        self._room.set()
+            finally:
+                self._sending = 0
+            if len(self._pending) < self.crowded_at:
+                self._room.set()
 
     async def _write(self, data: bytes) -> None:
         process = self._process
@@ -301,8 +331,8 @@ class WriterProcessRecorder:
         async with self._write_lock:
             try:
                 stdin.write(data)
-                # waits while the pipe is full: the writer is behind, and the queue grows here
-                # (bounded by max_pending) rather than in an unbounded transport buffer
+                # waits once pipe_buffer bytes wait to go: the writer is far behind, and the
+                # queue grows here (bounded by max_pending) rather than in the transport buffer
                 await stdin.drain()
             except (ConnectionError, RuntimeError) as exc:
                 raise WriterGone from exc

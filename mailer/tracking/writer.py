@@ -320,8 +320,6 @@ class WriterProcessRecorder:
                         self._room.set()
             finally:
                 self._sending = 0
-            if len(self._pending) < self.crowded_at:
-                self._room.set()
 
     async def _write(self, data: bytes) -> None:
         process = self._process

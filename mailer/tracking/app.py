@@ -38,7 +38,14 @@ from mailer.policy import page_notice
 from mailer.service import Mailer
 from mailer.tokens import BadToken, Tokens
 from mailer.tracking.pages import recipient_routes
-from mailer.tracking.routes import NO_STORE, Click, OpenPixel, not_found, tracking_routes
+from mailer.tracking.routes import (
+    NO_STORE,
+    Click,
+    OpenPixel,
+    Recorder,
+    not_found,
+    tracking_routes,
+)
 from mailer.tracking.security import SecurityHeadersMiddleware, security_headers
 from mailer.tracking.writer import WRITER_IDLE, WRITER_NICENESS, WriterProcessRecorder
 from mailer.transport import SendResult, SmtpPool, Transport
@@ -176,7 +183,7 @@ def create_app(
     """
     settings = mailer.settings
     tokens = Tokens(settings.secret_keys)
-    recorder: EngagementRecorder | WriterProcessRecorder
+    recorder: Recorder
     if writer == "process" and not _in_memory(settings.database_url):
         recorder = WriterProcessRecorder(
             mailer.engine,
@@ -201,7 +208,9 @@ def create_app(
                 await mail.close()
 
     security = security_headers(settings.logo_url)
-    pixel, click = OpenPixel(security), Click(security)
+    links = LinkCache(mailer.engine)
+    pixel = OpenPixel(tokens, recorder, security)
+    click = Click(tokens, recorder, links, security)
     app = TrackingApp(
         pixel=pixel,
         click=click,
@@ -219,7 +228,7 @@ def create_app(
     app.state.mailer = mailer
     app.state.tokens = tokens
     app.state.recorder = recorder
-    app.state.links = LinkCache(mailer.engine)
+    app.state.links = links
     app.state.transport = mail
     return app
 

@@ -24,11 +24,12 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from mailer import queries
-from mailer.engagement import USER_AGENT_LENGTH, Hit
+from mailer.engagement import USER_AGENT_LENGTH, EngagementRecorder, Hit, LinkCache
 from mailer.masking import mask_ip
 from mailer.models import HONEYPOT_POSITION
-from mailer.tokens import BadToken, TokenKind
+from mailer.tokens import BadToken, TokenKind, Tokens
 from mailer.tracking.classify import MachineReason, request_reason
+from mailer.tracking.writer import WriterProcessRecorder
 
 # A 1x1 transparent GIF (43 bytes): what a mail client shows for every open link, valid or not.
 PIXEL = base64.b64decode("R0lGODlhAQABAIAAAP///wAAACH5BAEAAAAALAAAAAABAAEAAAICRAEAOw==")
@@ -102,6 +103,8 @@ _PIXEL_HEADERS = [
 _PIXEL_BODY = {"type": "http.response.body", "body": PIXEL}
 _EMPTY_BODY = {"type": "http.response.body", "body": b""}
 Headers = Sequence[tuple[bytes, bytes]]
+# in a thread of this process, or in a writer process (what `mailer serve` uses)
+Recorder = EngagementRecorder | WriterProcessRecorder
 
 
 def _redirect_headers(url: str, extra: Headers) -> list[tuple[bytes, bytes]]:
@@ -117,9 +120,15 @@ def _redirect_headers(url: str, extra: Headers) -> list[tuple[bytes, bytes]]:
 
 class OpenPixel:
     """The pixel for any token (a broken image helps nobody); an open only for a valid one.
-    `headers` are added to the pixel's own (the app's security headers)."""
+    `headers` are added to the pixel's own (the app's security headers).
 
-    def __init__(self, headers: Headers = ()) -> None:
+    The hot routes hold the app's tokens and recorder themselves: reading them from
+    `app.state` on every hit costs an AttributeError raised and caught inside Starlette's
+    State for each name."""
+
+    def __init__(self, tokens: Tokens, recorder: Recorder, headers: Headers = ()) -> None:
+        self.tokens = tokens
+        self.recorder = recorder
         self._start = {
             "type": "http.response.start",
             "status": 200,
@@ -127,12 +136,11 @@ class OpenPixel:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope["app"].state
         try:
-            payload = state.tokens.verify(TokenKind.OPEN, scope["path_params"]["token"])
+            payload = self.tokens.verify(TokenKind.OPEN, scope["path_params"]["token"])
         except BadToken:
             payload = ()
-        recorder = state.recorder
+        recorder = self.recorder
         if len(payload) == 2:
             recorder.record(_hit(scope, queries.OPEN, payload[0], payload[1], None))
         elif len(payload) == 1:  # made before open tokens carried the campaign
@@ -147,7 +155,12 @@ class Click:
     """A redirect to the campaign's own link at the token's position, and nowhere else.
     `headers` are added to the redirect's own (the app's security headers)."""
 
-    def __init__(self, headers: Headers = ()) -> None:
+    def __init__(
+        self, tokens: Tokens, recorder: Recorder, links: LinkCache, headers: Headers = ()
+    ) -> None:
+        self.tokens = tokens
+        self.recorder = recorder
+        self.links = links
         extra = tuple(headers)
         # a campaign's few links, each answered thousands of times: their headers built once
         self._headers = functools.lru_cache(maxsize=4096)(
@@ -155,15 +168,15 @@ class Click:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state = scope["app"].state
-        payload = state.tokens.verify(TokenKind.CLICK, scope["path_params"]["token"])
+        payload = self.tokens.verify(TokenKind.CLICK, scope["path_params"]["token"])
         if len(payload) == 3:
             delivery_id, campaign_id, position = payload
         elif len(payload) == 2:  # made before click tokens carried the campaign
             delivery_id, position = payload
-            campaign_id = await state.links.campaign_of(delivery_id)
-            if campaign_id is None:
+            found = await self.links.campaign_of(delivery_id)
+            if found is None:
                 raise BadToken("the delivery of this click token is gone")
+            campaign_id = found
         else:
             raise BadToken("not a click token")
         if position == HONEYPOT_POSITION:
@@ -171,12 +184,12 @@ class Click:
             hit = _hit(
                 scope, queries.CLICK, delivery_id, campaign_id, position, MachineReason.HONEYPOT
             )
-            state.recorder.record(hit)
+            self.recorder.record(hit)
             raise BadToken("the honeypot leads nowhere")
-        url = await state.links.url(campaign_id, position)
+        url = await self.links.url(campaign_id, position)
         if url is None:
             raise BadToken("the campaign has no link at this position")
-        recorder = state.recorder
+        recorder = self.recorder
         recorder.record(_hit(scope, queries.CLICK, delivery_id, campaign_id, position))
         if recorder.crowded:
             await recorder.room()

@@ -24,7 +24,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -49,6 +49,9 @@ from mailer.tracking.routes import (
 from mailer.tracking.security import SecurityHeadersMiddleware, security_headers
 from mailer.tracking.writer import WRITER_IDLE, WRITER_NICENESS, WriterProcessRecorder
 from mailer.transport import SendResult, SmtpPool, Transport
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("mailer.tracking")
 
@@ -290,6 +293,38 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def uvicorn_config(
+    app_factory: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    trusted_proxies: str = "127.0.0.1",
+    log_level: str = "info",
+    access_log: bool = False,
+) -> uvicorn.Config:
+    """uvicorn's Config for `serve` (also what bench/request_cost.py drives in-process)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app_factory,
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools",
+        lifespan="on",
+        proxy_headers=True,
+        forwarded_allow_ips=trusted_proxies,
+        server_header=False,
+        access_log=access_log,
+        log_level=log_level,
+        backlog=LISTEN_BACKLOG,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
+
+
 def serve(
     app_factory: str,
     *,
@@ -313,22 +348,14 @@ def serve(
 
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app_factory,
-        factory=True,
         host=host,
         port=port,
         workers=workers,
-        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools",
-        lifespan="on",
-        proxy_headers=True,
-        forwarded_allow_ips=trusted_proxies,
-        server_header=False,
-        access_log=access_log,
+        trusted_proxies=trusted_proxies,
         log_level=log_level,
-        backlog=LISTEN_BACKLOG,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        access_log=access_log,
     )
     sock = listening_socket(host, port)
     try:

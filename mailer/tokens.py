@@ -115,11 +115,9 @@ class _Signer(Signer):
         self._derived = {key: derive(key) for key in self.secret_keys}
         for derived in self._derived.values():
             algorithm.prepare(derived)
+        self._algorithm = algorithm
         # newest first, the order itsdangerous tries the keys in
-        self._macs = [
-            hmac.new(self._derived[key], digestmod=hashlib.sha256)
-            for key in reversed(self.secret_keys)
-        ]
+        self._newest_first = [self._derived[key] for key in reversed(self.secret_keys)]
 
     def verify_signature(self, value: str | bytes, sig: str | bytes) -> bool:
         """Whether `sig` is the signature of `value` under one of the keys.
@@ -132,10 +130,9 @@ class _Signer(Signer):
         for any other spelling, which itsdangerous's lenient decoder might accept.
         """
         message, signature = want_bytes(value), want_bytes(sig)
-        for prepared in self._macs:
-            mac = prepared.copy()
-            mac.update(message)
-            if hmac.compare_digest(base64_encode(mac.digest()[:SIGNATURE_BYTES]), signature):
+        sign = self._algorithm.get_signature
+        for key in self._newest_first:
+            if hmac.compare_digest(base64_encode(sign(key, message)), signature):
                 return True
         return False
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import re
 import secrets
@@ -21,6 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from mailer.errors import ConfigError
+from mailer.tracking.classify import NETWORK_REASONS, MachineReason, Network
 
 DEFAULT_SQLITE_FILE = "mailer.db"
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
@@ -53,12 +55,16 @@ _KNOWN_FILE_KEYS = {
     "retention_dead_letters_days",
     # webhooks: allow private/loopback targets and plain http (development and tests only)
     "webhook_allow_private",
+    # [mailer.machine_networks]: reason = ["CIDR", ...], the gateways' published ranges
+    "machine_networks",
 }
 DEFAULT_SMTP_URL = "smtp://127.0.0.1:25"
 DEFAULT_SENDER_NAME = "mailer"
 DEFAULT_ERROR_THRESHOLD = 0.2
 DEFAULT_BRAND_COLOR = "#1d4e89"
 DEFAULT_SOFT_BOUNCE_LIMIT = 3
+MACHINE_NETWORKS_ENV = "MAILER_MACHINE_NETWORKS"
+MachineNetworkList = tuple[tuple[MachineReason, Network], ...]
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,8 @@ class Settings:
     retention_unconfirmed_days: int = 30
     retention_dead_letters_days: int = 90
     webhook_allow_private: bool = False  # development and tests: loopback/private targets, http
+    # the operator's gateway, proxy and scanner ranges: an open or click from one is a machine's
+    machine_networks: MachineNetworkList = ()
     key_file: Path | None = None
     config_file: Path | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -300,6 +308,7 @@ def load_settings(
             pick("MAILER_RETENTION_DEAD_LETTERS_DAYS", "retention_dead_letters_days", 90),
             "MAILER_RETENTION_DEAD_LETTERS_DAYS",
         ),
+        machine_networks=_machine_networks(env, file_values, config_path),
         webhook_allow_private=parse_bool(
             env.get(
                 "MAILER_WEBHOOK_ALLOW_PRIVATE", file_values.get("webhook_allow_private", False)
@@ -321,6 +330,82 @@ def load_settings(
         key_file=key_file,
         config_file=config_path,
     )
+
+
+def _machine_networks(
+    env: Mapping[str, str], file_values: Mapping[str, Any], config_path: Path | None
+) -> MachineNetworkList:
+    if env.get(MACHINE_NETWORKS_ENV):
+        return parse_machine_networks(env[MACHINE_NETWORKS_ENV], MACHINE_NETWORKS_ENV)
+    if "machine_networks" in file_values:
+        return parse_machine_networks(
+            file_values["machine_networks"], f"{config_path}: machine_networks"
+        )
+    return ()
+
+
+def parse_machine_networks(raw: object, origin: str) -> MachineNetworkList:
+    """Machine reasons and their networks: a table of reason -> list of CIDRs (mailer.toml), or
+    `reason=CIDR,CIDR;reason=CIDR` (MAILER_MACHINE_NETWORKS; commas or spaces between CIDRs).
+
+    Each network is normalised (host bits cleared, so a pasted address with its prefix is its
+    network); a network named for two reasons is refused, as nothing could say which is meant.
+    """
+    groups: list[tuple[str, list[object]]] = []
+    if isinstance(raw, str):
+        for part in raw.split(";"):
+            if not part.strip():
+                continue
+            name, equals, listed = part.partition("=")
+            if not equals:
+                raise ConfigError(
+                    f"{origin}: expected REASON=CIDR[,CIDR...], each separated by ';', "
+                    f"got {part.strip()!r}"
+                )
+            groups.append((name, [*_split_networks(listed)]))
+    elif isinstance(raw, Mapping):
+        for name, value in raw.items():
+            if isinstance(value, str):
+                groups.append((str(name), [*_split_networks(value)]))
+            elif isinstance(value, list):
+                groups.append((str(name), value))
+            else:
+                raise ConfigError(f"{origin}: {name}: expected a list of CIDRs, got {value!r}")
+    else:
+        raise ConfigError(f"{origin}: expected a table of reason = [CIDR, ...], got {raw!r}")
+    allowed = {reason.value: reason for reason in NETWORK_REASONS}
+    found: dict[Network, MachineReason] = {}
+    for name, items in groups:
+        reason = allowed.get(name.strip().lower())
+        if reason is None:
+            raise ConfigError(
+                f"{origin}: {name.strip()!r} is not a machine reason for a network "
+                f"(one of: {', '.join(allowed)})"
+            )
+        for item in items:
+            network = _network(item)
+            if network is None:
+                raise ConfigError(
+                    f"{origin}: {reason}: {item!r} is not an IPv4 or IPv6 network "
+                    "(such as 192.0.2.0/24 or 2001:db8::/32)"
+                )
+            other = found.setdefault(network, reason)
+            if other is not reason:
+                raise ConfigError(f"{origin}: {network} is listed for both {other} and {reason}")
+    return tuple((reason, network) for network, reason in found.items())
+
+
+def _split_networks(raw: str) -> list[str]:
+    return [item for item in re.split(r"[\s,]+", raw) if item]
+
+
+def _network(item: object) -> Network | None:
+    if not isinstance(item, str):  # ip_network takes an int as an address: not what was meant
+        return None
+    try:
+        return ipaddress.ip_network(item.strip(), strict=False)
+    except ValueError:
+        return None
 
 
 def _colour(raw: object) -> str:

@@ -37,6 +37,7 @@ from mailer.errors import ConfigError, DatabaseError, MailerError
 from mailer.policy import page_notice
 from mailer.service import Mailer
 from mailer.tokens import BadToken, Tokens
+from mailer.tracking.classify import MachineNetworks
 from mailer.tracking.pages import recipient_routes
 from mailer.tracking.routes import (
     NO_STORE,
@@ -212,8 +213,9 @@ def create_app(
 
     security = security_headers(settings.logo_url)
     links = LinkCache(mailer.engine)
-    pixel = OpenPixel(tokens, recorder, security)
-    click = Click(tokens, recorder, links, security)
+    networks = MachineNetworks(settings.machine_networks)
+    pixel = OpenPixel(tokens, recorder, security, networks=networks)
+    click = Click(tokens, recorder, links, security, networks=networks)
     app = TrackingApp(
         pixel=pixel,
         click=click,

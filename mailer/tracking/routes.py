@@ -28,7 +28,7 @@ from mailer.engagement import USER_AGENT_LENGTH, EngagementRecorder, Hit, LinkCa
 from mailer.masking import mask_ip
 from mailer.models import HONEYPOT_POSITION
 from mailer.tokens import BadToken, TokenKind, Tokens
-from mailer.tracking.classify import MachineReason, request_reason
+from mailer.tracking.classify import MachineNetworks, MachineReason, request_reason
 from mailer.tracking.writer import WriterProcessRecorder
 
 # A 1x1 transparent GIF (43 bytes): what a mail client shows for every open link, valid or not.
@@ -58,6 +58,7 @@ def _hit(
     campaign_id: int | None,
     position: int | None,
     reason: MachineReason | None = None,
+    networks: MachineNetworks | None = None,
 ) -> Hit:
     agent = referrer = b""
     for name, value in scope["headers"]:
@@ -75,6 +76,7 @@ def _hit(
             host,
             referrer.decode("latin-1") if referrer else None,
             is_open=kind == queries.OPEN,
+            networks=networks,
         )
     return Hit(
         kind,
@@ -124,11 +126,20 @@ class OpenPixel:
 
     The hot routes hold the app's tokens and recorder themselves: reading them from
     `app.state` on every hit costs an AttributeError raised and caught inside Starlette's
-    State for each name."""
+    State for each name. `networks`: the operator's machine networks (settings), if any."""
 
-    def __init__(self, tokens: Tokens, recorder: Recorder, headers: Headers = ()) -> None:
+    def __init__(
+        self,
+        tokens: Tokens,
+        recorder: Recorder,
+        headers: Headers = (),
+        *,
+        networks: MachineNetworks | None = None,
+    ) -> None:
         self.tokens = tokens
         self.recorder = recorder
+        # None when there are none: a hit then costs no lookup at all
+        self.networks = networks or None
         self._start = {
             "type": "http.response.start",
             "status": 200,
@@ -142,9 +153,13 @@ class OpenPixel:
             payload = ()
         recorder = self.recorder
         if len(payload) == 2:
-            recorder.record(_hit(scope, queries.OPEN, payload[0], payload[1], None))
+            recorder.record(
+                _hit(scope, queries.OPEN, payload[0], payload[1], None, networks=self.networks)
+            )
         elif len(payload) == 1:  # made before open tokens carried the campaign
-            recorder.record(_hit(scope, queries.OPEN, payload[0], None, None))
+            recorder.record(
+                _hit(scope, queries.OPEN, payload[0], None, None, networks=self.networks)
+            )
         if recorder.crowded:  # the writer is far behind: slow down rather than lose hits
             await recorder.room()
         await send(self._start)
@@ -153,14 +168,22 @@ class OpenPixel:
 
 class Click:
     """A redirect to the campaign's own link at the token's position, and nowhere else.
-    `headers` are added to the redirect's own (the app's security headers)."""
+    `headers` are added to the redirect's own (the app's security headers); `networks`: the
+    operator's machine networks (settings), if any."""
 
     def __init__(
-        self, tokens: Tokens, recorder: Recorder, links: LinkCache, headers: Headers = ()
+        self,
+        tokens: Tokens,
+        recorder: Recorder,
+        links: LinkCache,
+        headers: Headers = (),
+        *,
+        networks: MachineNetworks | None = None,
     ) -> None:
         self.tokens = tokens
         self.recorder = recorder
         self.links = links
+        self.networks = networks or None  # see OpenPixel
         extra = tuple(headers)
         # a campaign's few links, each answered thousands of times: their headers built once
         self._headers = functools.lru_cache(maxsize=4096)(
@@ -190,7 +213,9 @@ class Click:
         if url is None:
             raise BadToken("the campaign has no link at this position")
         recorder = self.recorder
-        recorder.record(_hit(scope, queries.CLICK, delivery_id, campaign_id, position))
+        recorder.record(
+            _hit(scope, queries.CLICK, delivery_id, campaign_id, position, networks=self.networks)
+        )
         if recorder.crowded:
             await recorder.room()
         await send({"type": "http.response.start", "status": 302, "headers": self._headers(url)})

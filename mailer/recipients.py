@@ -41,7 +41,7 @@ from sqlalchemy import func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from mailer import consent, events, suppression
+from mailer import audit, consent, events, suppression
 from mailer.addresses import mask_address, normalise_address
 from mailer.branding import Palette
 from mailer.config import Settings
@@ -92,6 +92,8 @@ PREFERENCE_SOURCE = "preference centre"
 ONE_CLICK_SOURCE = "list-unsubscribe-post"
 PAGE_SOURCE = "unsubscribe page"
 MAILTO_SOURCE = "list-unsubscribe mailto"
+# The audit log's operator for changes the person made themself: no operator acted.
+PREFERENCE_OPERATOR = f"recipient ({PREFERENCE_SOURCE})"
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEADER_UNSAFE = re.compile(r"[\r\n\0]")
@@ -963,7 +965,7 @@ def update_preferences(
     unsubscribe suppression. Asking for a mail purpose while the address is suppressed does not
     grant or lift anything: it starts a double opt-in (only its confirmation lifts an
     unsubscribe). Name and language changes update the contact (they are not consent, so they
-    are logged, not put in the ledger)."""
+    are audited, not put in the ledger)."""
     t = Translator(choices.shown_in)
     with mailer.session() as session:
         delivery, campaign, contact = _load_delivery(session, tokens, TokenKind.PREFERENCES, token)
@@ -1041,6 +1043,14 @@ def update_preferences(
         profile_changes = _update_profile(session, contact, choices)
         profile_changed = bool(profile_changes)
         if profile_changes:
+            # Field names only, never the values: the audit log outlives an erasure.
+            audit.record(
+                session,
+                PREFERENCE_OPERATOR,
+                "preferences.profile",
+                contact.email_hash,
+                {"fields": profile_changes, "delivery_id": context.delivery_id},
+            )
             events.emit(
                 session,
                 EventType.CONTACT_UPDATED,

@@ -4,6 +4,7 @@ that asks for mail again gets a double opt-in, never a lifted suppression."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from mailer import privacy
+from mailer import audit, privacy
+from mailer.addresses import address_hash
 from mailer.branding import contrast
 from mailer.models import ConsentStatus, SuppressionReason, as_utc
+from mailer.recipients import PREFERENCE_OPERATOR
 from mailer.service import Mailer
 from mailer.tokens import TokenKind, Tokens
 from mailer.transport import MemoryTransport
@@ -137,6 +140,23 @@ async def test_name_and_language(
     assert ledger(mailer) == rows_before  # a name is not consent
     assert bad.status_code == 400 and "name" in bad.text
     assert contact(mailer, "anna@example.org").name == "Anna de Vries"
+
+    # ... but it is a change to personal data: audited, as `mailer privacy correct` is, by the
+    # keyed hash and field names only (the log outlives an erasure). The refused form is not.
+    hashed = address_hash("anna@example.org", mailer.settings.suppression_key)
+    with mailer.session() as session:
+        entries = audit.listing(session, subject=hashed, action="preferences.")
+    (entry,) = entries
+    assert (entry.operator, entry.action) == (PREFERENCE_OPERATOR, "preferences.profile")
+    assert entry.details == {"fields": ["name", "locale"], "delivery_id": anna.delivery_id}
+    details = json.dumps(entry.details).lower()
+    for personal in ("anna", "vries", "example.org", "127.0.0"):
+        assert personal not in details and personal not in entry.operator.lower()
+
+    # The person's export shows it: the audit list is selected by their keyed hash.
+    exported = privacy.export(mailer, "anna@example.org")["audit"]
+    shown = [(a["operator"], a["details"]) for a in exported if a["action"] == entry.action]
+    assert shown == [(PREFERENCE_OPERATOR, entry.details)]
 
 
 @pytest.mark.asyncio

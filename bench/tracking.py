@@ -20,11 +20,12 @@ command (`wrk -t2 -c64 --latency`, a Lua script choosing a random token per requ
     temporary folder, in the foreground, on another loopback port (stopped at the end).
 
 Printed: requests/s, p99 latency, wrk's errors, the ratios to the bare app and to nginx, the
-load average, and events written against requests answered (nothing may be lost: every
-answered request must have its engagement event once the server has shut down, and its
-message.opened or message.clicked in the outbox once they are announced, as the webhook
-dispatcher does, right after). Announcing is timed too: the outbox's cost, moved from the
-server to the dispatcher, in rows a second. Nothing is asserted on time.
+load average, and events written against hits received (nothing may be lost: every hit a
+worker received, by the account each worker logs as it shuts down, must have its engagement
+event once the server has shut down, and its message.opened or message.clicked in the outbox
+once they are announced, as the webhook dispatcher does, right after; and every request wrk
+saw answered must be among the hits received). Announcing is timed too: the outbox's cost,
+moved from the server to the dispatcher, in rows a second. Nothing is asserted on time.
 """
 
 from __future__ import annotations
@@ -393,6 +394,19 @@ def event_count(database_url: str, folder: Path) -> tuple[int, int]:
         mailer.close()
 
 
+_ACCOUNT = re.compile(r"opens and clicks: (\d+) received, (\d+) written")
+
+
+def received_hits(log: str, workers: int) -> int:
+    """The hits `mailer serve`'s workers received, from the line each logs as it shuts down
+    (mailer.engagement.RecorderStats.account); the server's log is echoed if one is missing."""
+    found = [int(match[1]) for match in _ACCOUNT.finditer(log)]
+    if len(found) != workers:
+        print(log, file=sys.stderr)
+        raise SystemExit(f"{len(found)} of {workers} workers gave their account at shutdown")
+    return sum(found)
+
+
 # -- the runs --------------------------------------------------------------------------------------
 
 
@@ -400,9 +414,12 @@ def event_count(database_url: str, folder: Path) -> tuple[int, int]:
 class EventCheck:
     server: str
     workers: int
-    requests: int
+    requests: int  # answered, as wrk counted them
     events: int
     announced: int  # outbox events (message.opened / message.clicked)
+    # hits the workers received, by their own account at shutdown (wrk does not count the
+    # requests still in flight when it stops, which the server answered and recorded)
+    received: int = 0
     announce_seconds: float = 0.0  # announcing them after shutdown (the dispatcher's work)
     # engagement events written when the last wrk run ended, before the server was stopped,
     # and that run's rate: how far recording lagged behind the load
@@ -418,7 +435,11 @@ class EventCheck:
 
     @property
     def lost(self) -> int:
-        return max(self.requests - min(self.events, self.announced), 0)
+        """Hits the workers received that are not in the database, or not in the outbox
+        once announced; and requests wrk saw answered beyond what the workers received (a
+        hit answered without being recorded)."""
+        stored = min(self.events, self.announced)
+        return max(self.received - stored, 0) + max(self.requests - self.received, 0)
 
     @property
     def announce_rate(self) -> float:
@@ -447,15 +468,18 @@ def run_mailer(
         before = event_count(database_url, folder)
         port = free_port()
         command = [sys.executable, "-m", "mailer", "serve", "--port", str(port)]
-        command += ["--workers", str(workers), "--log-level", "warning"]
+        command += ["--workers", str(workers), "--log-level", "info"]
         env = {**os.environ, **environment(database_url)}
-        server = subprocess.Popen(command, cwd=folder, env=env)
+        log = folder / f"serve-{workers}.log"
+        with log.open("wb") as log_file:
+            server = subprocess.Popen(command, cwd=folder, env=env, stderr=log_file)
         try:
             wait_for(f"http://127.0.0.1:{port}/healthz", server)
             runs, warmed = measure(label, workers, port, paths, script, args.duration, args.warmup)
             written_by_end = event_count(database_url, folder)[0] - before[0]
         finally:
             stop(server)  # SIGTERM: each worker writes what it still holds, then exits
+        received = received_hits(log.read_text(), workers)
         seconds = announce_recorded(database_url, folder)
         after = event_count(database_url, folder)
         written, announced = after[0] - before[0], after[1] - before[1]
@@ -464,12 +488,21 @@ def run_mailer(
             run.group = label
         results.runs += runs
         check = EventCheck(
-            label, workers, answered, written, announced, seconds, written_by_end, runs[-1].rate
+            label,
+            workers,
+            answered,
+            written,
+            announced,
+            received,
+            seconds,
+            written_by_end,
+            runs[-1].rate,
         )
         results.events.append(check)
         print(
             f"  {label:<18} workers={workers} events written {written:,} (outbox {announced:,}) "
-            f"for {answered:,} answered requests (warm-ups included): lost {check.lost}; "
+            f"for {received:,} hits received ({answered:,} answered as wrk counted, warm-ups "
+            f"included): lost {check.lost}; "
             f"written when the load stopped {written_by_end:,} "
             f"({check.behind_seconds:.1f} s of traffic behind); "
             f"announced in {seconds:.2f} s, {check.announce_rate:,.0f} rows/s",
@@ -560,8 +593,9 @@ def report(results: Results) -> list[str]:
     for check in results.events:
         lines.append(
             f"{check.server} x{check.workers}: {check.events:,} events written "
-            f"({check.announced:,} in the outbox) for {check.requests:,} requests answered "
-            f"(warm-ups included), lost {check.lost}; {check.written_by_end:,} written when "
+            f"({check.announced:,} in the outbox) for {check.received:,} hits received "
+            f"({check.requests:,} answered as wrk counted, warm-ups included), lost "
+            f"{check.lost}; {check.written_by_end:,} written when "
             f"the load stopped ({check.behind_seconds:.1f} s of traffic behind); announcing "
             f"(the dispatcher's work) {check.announce_rate:,.0f} rows/s"
         )

@@ -847,7 +847,10 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the tracking app (pixel, click, unsubscribe, confirm, preferences) under uvicorn."""
+    from mailer.tracking.app import log_level_number
     from mailer.tracking.app import serve as run_server
+
+    log_level_number(log_level)  # a bad option is refused before anything else is looked at
 
     chosen = writer.value if writer is not None else os.environ.get(WRITER_ENV) or "process"
     if chosen not in {w.value for w in Writer}:

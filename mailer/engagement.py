@@ -103,12 +103,27 @@ _Queued = tuple[str, int, int | None, int | None, datetime, str | None, str | No
 
 @dataclass
 class RecorderStats:
-    recorded: int = 0  # hits handed to record()
+    recorded: int = 0  # hits record() took into its queue
     written: int = 0  # rows inserted
     discarded: int = 0  # hits for deliveries that no longer exist (erased)
-    dropped: int = 0  # hits refused because the queue was full
+    dropped: int = 0  # hits lost: refused (below) or given up on after failed writes
+    refused: int = 0  # hits refused by record() because the queue was full (not in recorded)
     failed_flushes: int = 0
     reclassified: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def unaccounted(self) -> int:
+        """Hits handed to record() that were neither written, left out nor counted as dropped:
+        still queued, or held by a writer process that died."""
+        return self.recorded + self.refused - self.written - self.discarded - self.dropped
+
+    def account(self) -> str:
+        """One line on what became of the hits: what a worker logs as it shuts down."""
+        return (
+            f"opens and clicks: {self.recorded + self.refused} received, {self.written} "
+            f"written, {self.discarded} left out (deliveries erased), {self.dropped} dropped, "
+            f"{self.unaccounted} unaccounted"
+        )
 
 
 def id_chunks(values: Sequence[int], conn: Connection) -> Iterable[Sequence[int]]:
@@ -171,6 +186,7 @@ class EngagementRecorder:
         pending = self._pending
         if len(pending) >= self.max_pending:
             self.stats.dropped += 1
+            self.stats.refused += 1
             return
         pending.append(hit[:])  # a plain tuple, which the collector stops tracking
         self.stats.recorded += 1

@@ -682,6 +682,58 @@ async def test_mailer_serve_runs_workers_and_writes_every_event_on_shutdown(
     assert event_count(mailer) == requests  # every event written, by the shutdown at the latest
 
 
+# The writer flushes every second; a generous bound, since CI shares its two cores with the
+# suite. What it rules out is a server that writes only when it shuts down or a queue fills.
+WRITTEN_WITHIN = 8.0
+
+
+@pytest.mark.asyncio
+async def test_mailer_serve_writes_hits_while_it_runs_on_uvloop_and_httptools(
+    mailer: Mailer,
+    smtp_server: CaptureServer,
+    campaign_file: Callable[..., Path],
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    sent = (await send_tracked(mailer, smtp_server, campaign_file))["tracked@example.org"]
+    # the defaults (one worker, its writer process), and the log of what became of the hits
+    server, base = start_serve(env, tmp_path, "--log-level", "info")
+    try:
+        async with httpx.AsyncClient(base_url=base, headers={"user-agent": HUMAN}) as http:
+            await wait_until_serving(http, server)
+            for _ in range(3):
+                assert (await http.get(path_of(sent.opens[0]))).status_code == 200
+            asked = time.monotonic()
+            while event_count(mailer) < 3 and time.monotonic() - asked < WRITTEN_WITHIN:
+                await asyncio.sleep(0.05)
+            assert event_count(mailer) == 3, "hits were not written while the server ran"
+            assert server.poll() is None
+            # the event loop and HTTP parser the worker really runs on (uvicorn would fall
+            # back to asyncio and h11 without a word)
+            libraries = Path(f"/proc/{server.pid}/maps").read_text()
+            assert "/uvloop/loop." in libraries and "/httptools/parser/parser." in libraries
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = server.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            raise
+    # a single uvicorn server ends by re-raising the SIGTERM it shut down gracefully for
+    assert server.returncode in (0, -signal.SIGTERM), stderr
+    assert b"Application shutdown complete" in stderr
+    assert b"INFO:     opens and clicks: 3 received, 3 written, 0 left out" in stderr
+
+
+def test_mailer_serve_refuses_an_unknown_log_level(cli: Callable[..., Any]) -> None:
+    result = cli("serve", "--port", str(_free_port()), "--log-level", "loud")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --log-level must be one of critical, error, warning, info, debug, trace, "
+        "not 'loud'"
+    ]
+
+
 def test_mailer_serve_refuses_an_uninitialised_database(
     cli: Callable[..., Any], tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ MailerErrors, never HTTP errors.
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
 import logging
@@ -208,6 +209,9 @@ def create_app(
         finally:
             try:
                 await recorder.stop()
+                stats = recorder.stats
+                lost = stats.dropped or stats.unaccounted
+                logger.log(logging.WARNING if lost else logging.INFO, "%s", stats.account())
             finally:
                 await mail.close()
 
@@ -295,6 +299,28 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def log_level_number(log_level: str) -> int:
+    """The logging level a `--log-level` name stands for (uvicorn's names)."""
+    from uvicorn.config import LOG_LEVELS
+
+    level = LOG_LEVELS.get(log_level.lower())
+    if level is None:
+        choices = ", ".join(LOG_LEVELS)
+        raise ConfigError(f"--log-level must be one of {choices}, not {log_level!r}")
+    return level
+
+
+def log_config(log_level: str) -> dict[str, Any]:
+    """uvicorn's logging, with mailer's own loggers on its handler at the same level: without
+    a handler of their own, their warnings would come bare and their information not at all."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    level = log_level_number(log_level)
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["mailer"] = {"handlers": ["default"], "level": level, "propagate": False}
+    return config
+
+
 def uvicorn_config(
     app_factory: str,
     *,
@@ -322,6 +348,7 @@ def uvicorn_config(
         server_header=False,
         access_log=access_log,
         log_level=log_level,
+        log_config=log_config(log_level),
         backlog=LISTEN_BACKLOG,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )

@@ -52,8 +52,9 @@ the URL, which may hold a password, is on no command line that others on the mac
 read), then ("hits", [tuple, ...]) or ("flush", seq). A hit travels as its tuple with the
 time as a POSIX timestamp: marshal takes only plain values, which is fast, and nothing in a
 frame can name a class to build. The writer answers each flush with a line "seq written" on
-stdout. Its command line: `python -m mailer.tracking.writer FLUSH_INTERVAL [NICENESS [IDLE]]`
-(IDLE 1 or 0).
+stdout, and its last line, as it exits, gives its totals: "end written discarded dropped".
+Its command line: `python -m mailer.tracking.writer FLUSH_INTERVAL [NICENESS [IDLE]]` (IDLE 1
+or 0).
 """
 
 from __future__ import annotations
@@ -176,6 +177,8 @@ class WriterProcessRecorder:
         self._flushes: dict[int, asyncio.Future[int]] = {}
         self._sequence = 0
         self._fallback: EngagementRecorder | None = None
+        self._writer_totals: RecorderStats | None = None  # its last line, as it exits
+        self._confirmed = 0  # rows the writer's flush answers reported
 
     @property
     def pending(self) -> int:
@@ -206,6 +209,7 @@ class WriterProcessRecorder:
         pending = self._pending
         queued = len(pending) + self._sending
         if queued >= self.max_pending:
+            self.stats.refused += 1
             self.stats.dropped += 1
             return
         # a plain tuple of plain values (which the collector stops tracking), ready for marshal
@@ -266,11 +270,24 @@ class WriterProcessRecorder:
                 logger.error("the engagement writer exited with status %s", code)
         answers, self._answers = self._answers, None
         if answers is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                answers.cancel()
-                await answers
+            # the writer has exited: its answers end at end of file, its totals among them
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(answers, STOP_TIMEOUT)
         if self._fallback is not None:
             await self._fallback.stop()
+        self._account()
+
+    def _account(self) -> None:
+        """Fill in stats.written, discarded and dropped from the writer's totals and the
+        in-process fallback's: what became of every hit recorded. Of a writer that died, only
+        the rows its flush answers reported are known; the rest of what it took is not."""
+        parts = [self._writer_totals or RecorderStats(written=self._confirmed)]
+        if self._fallback is not None:
+            parts.append(self._fallback.stats)
+        self.stats.written = sum(part.written for part in parts)
+        self.stats.discarded = sum(part.discarded for part in parts)
+        # refused here (a full queue) counts as dropped; the others' drops come on top
+        self.stats.dropped = self.stats.refused + sum(part.dropped for part in parts)
 
     async def flush(self) -> int:
         """Hand everything queued to the writer and wait until it is written; returns the rows
@@ -339,8 +356,15 @@ class WriterProcessRecorder:
         process = self._process
         assert process is not None and process.stdout is not None
         while line := await process.stdout.readline():
+            if line.startswith(b"end "):  # the writer's totals, as it exits
+                written, discarded, dropped = (int(part) for part in line.split()[1:])
+                self._writer_totals = RecorderStats(
+                    written=written, discarded=discarded, dropped=dropped
+                )
+                continue
             sequence, written = (int(part) for part in line.split())
-            self.stats.written += written
+            self._confirmed += written
+            self.stats.written += written  # until the totals come
             answer = self._flushes.pop(sequence, None)
             if answer is not None and not answer.done():
                 answer.set_result(written)
@@ -411,7 +435,11 @@ async def run_writer(
     finally:
         await recorder.stop()
         engine.dispose()
-    return recorder.stats.written
+        stats = recorder.stats
+        # the worker's account of this run (a worker that died reads nothing any more)
+        with contextlib.suppress(OSError):
+            os.write(answers, b"end %d %d %d\n" % (stats.written, stats.discarded, stats.dropped))
+    return stats.written
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> tuple[str, Any] | None:

@@ -105,9 +105,9 @@ _Queued = tuple[str, int, int | None, int | None, datetime, str | None, str | No
 class RecorderStats:
     recorded: int = 0  # hits record() took into its queue
     written: int = 0  # rows inserted
-    discarded: int = 0  # hits for deliveries that no longer exist (erased)
-    dropped: int = 0  # hits lost: refused (below) or given up on after failed writes
-    refused: int = 0  # hits refused by record() because the queue was full (not in recorded)
+    discarded: int = 0  # hits left out: their delivery is gone (erased), or the row refused
+    dropped: int = 0  # hits lost: turned away (queue_full) or given up on after failed writes
+    queue_full: int = 0  # hits record() turned away, its queue full (not in recorded)
     failed_flushes: int = 0
     reclassified: dict[str, int] = field(default_factory=dict)
 
@@ -115,14 +115,14 @@ class RecorderStats:
     def unaccounted(self) -> int:
         """Hits handed to record() that were neither written, left out nor counted as dropped:
         still queued, or held by a writer process that died."""
-        return self.recorded + self.refused - self.written - self.discarded - self.dropped
+        return self.recorded + self.queue_full - self.written - self.discarded - self.dropped
 
     def account(self) -> str:
         """One line on what became of the hits: what a worker logs as it shuts down."""
         return (
-            f"opens and clicks: {self.recorded + self.refused} received, {self.written} "
-            f"written, {self.discarded} left out (deliveries erased), {self.dropped} dropped, "
-            f"{self.unaccounted} unaccounted"
+            f"opens and clicks: {self.recorded + self.queue_full} received, {self.written} "
+            f"written, {self.discarded} left out (delivery erased or row refused), "
+            f"{self.dropped} dropped, {self.unaccounted} unaccounted"
         )
 
 
@@ -186,7 +186,7 @@ class EngagementRecorder:
         pending = self._pending
         if len(pending) >= self.max_pending:
             self.stats.dropped += 1
-            self.stats.refused += 1
+            self.stats.queue_full += 1
             return
         pending.append(hit[:])  # a plain tuple, which the collector stops tracking
         self.stats.recorded += 1

@@ -521,16 +521,21 @@ async def test_events_wait_in_memory_while_the_database_is_down(
             }
         )
     )
-    recorder = EngagementRecorder(down.engine)
-    for _ in range(3):
+    recorder = EngagementRecorder(down.engine, max_pending=3)
+    for _ in range(4):  # the fourth finds the queue full
         recorder.record(
             Hit("open", sent.delivery_id, sent.campaign_id, None, utcnow(), None, HUMAN, None)
         )
     assert await recorder.flush() == 0
     assert (recorder.pending, recorder.stats.failed_flushes) == (3, 1)
+    assert (recorder.stats.dropped, recorder.stats.unaccounted) == (1, 3)  # 3 still queued
     recorder.engine = mailer.engine  # the database is back
     assert await recorder.flush() == 3
     assert recorder.pending == 0 and event_count(mailer) == 3
+    assert recorder.stats.account() == (
+        "opens and clicks: 4 received, 3 written, 0 left out (delivery erased or row refused), "
+        "1 dropped, 0 unaccounted"
+    )
     down.close()
 
 

@@ -209,7 +209,7 @@ class WriterProcessRecorder:
         pending = self._pending
         queued = len(pending) + self._sending
         if queued >= self.max_pending:
-            self.stats.refused += 1
+            self.stats.queue_full += 1
             self.stats.dropped += 1
             return
         # a plain tuple of plain values (which the collector stops tracking), ready for marshal
@@ -286,8 +286,8 @@ class WriterProcessRecorder:
             parts.append(self._fallback.stats)
         self.stats.written = sum(part.written for part in parts)
         self.stats.discarded = sum(part.discarded for part in parts)
-        # refused here (a full queue) counts as dropped; the others' drops come on top
-        self.stats.dropped = self.stats.refused + sum(part.dropped for part in parts)
+        # turned away here (a full queue) counts as dropped; the others' drops come on top
+        self.stats.dropped = self.stats.queue_full + sum(part.dropped for part in parts)
 
     async def flush(self) -> int:
         """Hand everything queued to the writer and wait until it is written; returns the rows

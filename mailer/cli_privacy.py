@@ -330,6 +330,12 @@ def retention_purge(
         _day(cutoffs.dead_letters),
         str(report.dead_letters),
     )
+    table.add_row(
+        "sign-up limits whose window ended",
+        "their window",
+        _day(cutoffs.signup_limits),
+        str(report.signup_limits),
+    )
     out.print(table)
     for note in report.notes:
         print_line(f"note: {note}")

@@ -127,6 +127,17 @@ class Settings:
         return hmac.new(self.secret_keys[0].encode(), b"mailer.verp.v1", hashlib.sha256).digest()
 
     @property
+    def signup_limit_key(self) -> bytes:
+        """Keys the client hashes the sign-up limit counts by (signup_limits): a key of its own,
+        so that they cannot be matched against address hashes; from the oldest key, so that a
+        key rotation does not restart every client's count."""
+        if not self.secret_keys:
+            raise ConfigError(_missing_key_message(self))
+        return hmac.new(
+            self.secret_keys[0].encode(), b"mailer.signup-limit.v1", hashlib.sha256
+        ).digest()
+
+    @property
     def suppression_key_fingerprint(self) -> str:
         return hashlib.sha256(b"fingerprint:" + self.suppression_key).hexdigest()[:16]
 

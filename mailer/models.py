@@ -341,6 +341,20 @@ class Subscription(SQLModel, table=True):
     status: str = Field(max_length=16)
 
 
+class SignupLimit(SQLModel, table=True):
+    """Sign-ups counted per client (an IPv4 address or IPv6 /64) for POST /subscribe's limit,
+    in the database so that every worker on every machine counts against the same limit.
+    `client` is a keyed hash (Settings.signup_limit_key), never the address (migration 0010).
+    A row means nothing once its window has ended: the app deletes such rows as it goes, and
+    `mailer retention purge` deletes what is left."""
+
+    __tablename__ = "signup_limits"
+    __table_args__ = {"sqlite_with_rowid": False}
+    client: str = Field(max_length=64, primary_key=True)
+    window_ends_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    attempts: int
+
+
 # -- privacy operations (issue 6) ---------------------------------------------------------------
 
 

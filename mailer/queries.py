@@ -19,6 +19,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     case,
+    delete,
     exists,
     func,
     literal,
@@ -40,6 +41,7 @@ from mailer.models import (
     DeliveryStatus,
     EngagementEvent,
     InboundMessage,
+    SignupLimit,
     Suppression,
 )
 
@@ -518,3 +520,41 @@ def engagement_counts(session: Any, campaign_id: int) -> dict[str, int]:
         ).scalar_one()
     )
     return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# The sign-up limit: POST /subscribe's attempts per client, shared by every worker and machine
+
+signup_limits = SignupLimit.__table__  # type: ignore[attr-defined]
+
+
+def count_signup(client: str, now: datetime, window_ends_at: datetime, dialect: str) -> Any:
+    """Count one sign-up attempt of `client` (a keyed hash) and return the row after it:
+    (attempts, window_ends_at). The first attempt, and the first after the stored window ended,
+    start a new window ending at `window_ends_at`; any other adds one to the count.
+
+    ONE statement, so that the read and the write cannot be split by another worker's attempt:
+    on PostgreSQL, concurrent attempts of one client queue on the row (or on its insertion) and
+    each counts on the row the previous one committed; on SQLite the write lock serialises them.
+    However many workers ask at once, each attempt in a window gets a count of its own, so no
+    more than the limit get through. (SET's expressions read the row as it was, on both.)
+    """
+    module = postgresql if dialect == "postgresql" else sqlite
+    insert = module.insert(signup_limits).values(
+        client=client, window_ends_at=window_ends_at, attempts=1
+    )
+    ended = signup_limits.c.window_ends_at <= now
+    return insert.on_conflict_do_update(
+        index_elements=[signup_limits.c.client],
+        set_={
+            "window_ends_at": case(
+                (ended, insert.excluded.window_ends_at), else_=signup_limits.c.window_ends_at
+            ),
+            "attempts": case((ended, 1), else_=signup_limits.c.attempts + 1),
+        },
+    ).returning(signup_limits.c.attempts, signup_limits.c.window_ends_at)
+
+
+def ended_signup_limits(now: datetime) -> Any:
+    """The rows whose window has ended: they no longer limit anyone."""
+    return delete(signup_limits).where(signup_limits.c.window_ends_at <= now)

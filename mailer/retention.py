@@ -14,6 +14,8 @@
                                 their deliveries and attempts
     dead-lettered webhooks      deliveries dead-lettered more than `retention_dead_letters_days`
                                 (90) ago: deleted with their attempts (no longer replayable)
+    sign-up limits              POST /subscribe's counts per client (keyed hashes) whose window
+                                has ended: deleted (the tracking app deletes most as it goes)
 
 Safe to run from cron: each step works in bounded batches, one transaction each, and
 purges are serialised (an advisory lock on PostgreSQL, the write lock on SQLite); a second run
@@ -45,6 +47,7 @@ from mailer.models import (
     Event,
     ImportBatch,
     PrivacyRequest,
+    SignupLimit,
     Subscription,
     SubscriptionStatus,
     WebhookAttempt,
@@ -72,6 +75,7 @@ subscriptions = Subscription.__table__  # type: ignore[attr-defined]
 outbox = Event.__table__  # type: ignore[attr-defined]
 webhook_deliveries = WebhookDelivery.__table__  # type: ignore[attr-defined]
 webhook_attempts = WebhookAttempt.__table__  # type: ignore[attr-defined]
+signup_limits = SignupLimit.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Cutoffs:
     unconsented: datetime
     unconfirmed: datetime
     dead_letters: datetime
+    signup_limits: datetime  # now: a row is kept until its own window ends
 
     @classmethod
     def at(cls, now: datetime, periods: Periods) -> Cutoffs:
@@ -105,6 +110,7 @@ class Cutoffs:
             unconsented=months_before(now, periods.unconsented_months),
             unconfirmed=now - timedelta(days=periods.unconfirmed_days),
             dead_letters=now - timedelta(days=periods.dead_letters_days),
+            signup_limits=now,
         )
 
 
@@ -119,6 +125,7 @@ class PurgeReport:
     unconfirmed_contacts: int = 0
     outbox_events: int = 0
     dead_letters: int = 0
+    signup_limits: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -133,6 +140,7 @@ class PurgeReport:
             "unconfirmed_contacts": self.unconfirmed_contacts,
             "outbox_events": self.outbox_events,
             "dead_letters": self.dead_letters,
+            "signup_limits": self.signup_limits,
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -176,6 +184,7 @@ def purge(
             report.unconfirmed_contacts = _count(conn, _unconfirmed(cutoffs))
             report.outbox_events = _count(conn, _due_outbox(cutoffs))
             report.dead_letters = _count(conn, _due_dead_letters(cutoffs))
+            report.signup_limits = _count(conn, _ended_signup_limits(cutoffs))
         return report
 
     def batches(step: Callable[[Session], int]) -> int:
@@ -199,6 +208,7 @@ def purge(
     # dead letters first, so that a dry run's two counts are what a real run then removes
     report.dead_letters = batches(lambda s: _purge_dead_letters(s, cutoffs, batch_size))
     report.outbox_events = batches(lambda s: _purge_outbox(s, cutoffs, batch_size))
+    report.signup_limits = batches(lambda s: _purge_signup_limits(s, cutoffs, batch_size))
     if report.total:
         with mailer.session() as session:
             audit.record(session, operator, "retention.purge", None, report.counts())
@@ -410,3 +420,26 @@ def _purge_dead_letters(session: Session, cutoffs: Cutoffs, limit: int) -> int:
     if ids:
         _delete_deliveries(conn, ids)
     return len(ids)
+
+
+# -- sign-up limits ------------------------------------------------------------------------------
+
+
+def _ended_signup_limits(cutoffs: Cutoffs) -> Select[Any]:
+    return select(signup_limits.c.client).where(
+        signup_limits.c.window_ends_at <= cutoffs.signup_limits
+    )
+
+
+def _purge_signup_limits(session: Session, cutoffs: Cutoffs, limit: int) -> int:
+    # The condition again on the DELETE itself: a client whose new window began since the
+    # SELECT (the app's upsert of the row) keeps it. On PostgreSQL the DELETE re-checks its own
+    # condition on a row changed meanwhile, not the IN list it was given.
+    batch = _ended_signup_limits(cutoffs).limit(limit).scalar_subquery()
+    result = session.connection().execute(
+        delete(signup_limits).where(
+            signup_limits.c.client.in_(batch),
+            signup_limits.c.window_ends_at <= cutoffs.signup_limits,
+        )
+    )
+    return int(result.rowcount)

@@ -93,8 +93,11 @@ def recipients_of(smtp_server: CaptureServer) -> set[str]:
     return {r for m in smtp_server.messages for r in m.recipients}
 
 
-def app_for(mailer: Mailer, transport: Any | None = None) -> Starlette:
-    return create_app(mailer, transport=transport if transport is not None else MemoryTransport())
+def app_for(mailer: Mailer, transport: Any | None = None, **options: Any) -> Starlette:
+    """The app `mailer serve` runs; `options` go to create_app (e.g. signups_per_ip)."""
+    return create_app(
+        mailer, transport=transport if transport is not None else MemoryTransport(), **options
+    )
 
 
 @asynccontextmanager

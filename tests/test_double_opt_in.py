@@ -1,37 +1,46 @@
 """Double opt-in: POST /subscribe records pending consent and mails a timed confirmation link;
 GET /confirm changes nothing, only the POST confirms; the confirmation lifts an earlier
 unsubscribe and nothing else; expired and used links get a clear 4xx; the form is protected by
-a honeypot, a per-IP limit and a per-address mail limit, and never tells whether an address
-was known."""
+a honeypot, a per-IP limit (counted in the database: it holds across every worker and machine,
+and stores no address) and a per-address mail limit, and never tells whether an address was
+known."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import update
-from sqlmodel import select
+from sqlmodel import col, select
+from starlette.applications import Starlette
 
-from mailer.config import Settings
+from mailer.addresses import address_hash
+from mailer.config import Settings, load_settings
 from mailer.message import HeaderInjection
 from mailer.models import (
     Campaign,
     ConsentStatus,
     Delivery,
+    SignupLimit,
     Subscription,
     SuppressionReason,
+    as_utc,
     utcnow,
 )
 from mailer.recipients import CONFIRMATIONS_PER_DAY, build_confirmation_mail
 from mailer.service import Mailer
 from mailer.tokens import CONFIRM_MAX_AGE, TokenKind, Tokens
-from mailer.tracking.pages import ClientLimiter
+from mailer.tracking.pages import SIGNUP_WINDOW_SECONDS, client_key
 from mailer.transport import MemoryTransport, SmtpPool
 from tests.recipient_support import (
     POLICY,
@@ -332,6 +341,172 @@ async def test_sign_ups_are_limited_per_ip(mailer: Mailer) -> None:
         assert (await other.post("/subscribe", data=signup_form("q@example.org"))).is_success
 
 
+# -- the per-IP limit, shared by every worker and machine ------------------------------------------
+
+
+@asynccontextmanager
+async def two_workers(mailer: Mailer, **limits: float) -> AsyncIterator[tuple[Starlette, ...]]:
+    """The app as two workers (or machines) run it: each its own Mailer, engine and connection
+    pool, on the one database."""
+    other = Mailer(mailer.settings)
+    try:
+        yield (
+            app_for(mailer, MemoryTransport(), **limits),
+            app_for(other, MemoryTransport(), **limits),
+        )
+    finally:
+        other.close()
+
+
+async def sign_up(app: Starlette, host: str, address: str = "x@example.org") -> httpx.Response:
+    async with client_for(app, client=(host, 1000)) as http:
+        return await http.post(
+            "/subscribe", data=signup_form(address), headers={"accept": "application/json"}
+        )
+
+
+def limit_rows(mailer: Mailer) -> list[SignupLimit]:
+    with mailer.session() as session:
+        return list(session.exec(select(SignupLimit).order_by(col(SignupLimit.attempts))).all())
+
+
+def end_windows(mailer: Mailer) -> None:
+    """Every stored window ended a second ago."""
+    table = SignupLimit.__table__  # type: ignore[attr-defined]
+    with mailer.session() as session:
+        session.connection().execute(
+            update(table).values(window_ends_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+@pytest.mark.asyncio
+async def test_the_sign_up_limit_holds_across_workers(mailer: Mailer) -> None:
+    async with two_workers(mailer, signups_per_ip=3) as (a, b):
+        first = [(await sign_up(w, "198.51.100.7")).status_code for w in (a, a, b)]
+        late = [await sign_up(w, "198.51.100.7") for w in (a, b)]
+        elsewhere = await sign_up(b, "198.51.100.8")
+    assert first == [200, 200, 200]
+    for answer in late:
+        assert answer.status_code == 429 and answer.json()["error"] == "rate_limited"
+        assert 0 < int(answer.headers["retry-after"]) <= SIGNUP_WINDOW_SECONDS
+    assert elsewhere.status_code == 200  # another client has a count of its own
+    assert sorted(row.attempts for row in limit_rows(mailer)) == [1, 5]
+
+
+@pytest.mark.asyncio
+async def test_an_ipv6_client_is_its_slash_64_and_a_mapped_ipv4_its_address(
+    mailer: Mailer,
+) -> None:
+    tried = [
+        ("2001:db8:1:2::1", 200),
+        ("2001:db8:1:2::ffff", 200),
+        ("2001:db8:1:2:abcd::1", 429),  # the same /64: the third of its window
+        ("2001:db8:1:3::1", 200),  # the next /64: another client
+        ("192.0.2.1", 200),
+        ("192.0.2.1", 200),
+        ("::ffff:192.0.2.1", 429),  # that IPv4 address again, as IPv6 writes it
+    ]
+    async with two_workers(mailer, signups_per_ip=2) as apps:
+        answers = [
+            (host, (await sign_up(apps[i % 2], host)).status_code)
+            for i, (host, _) in enumerate(tried)
+        ]
+    assert answers == tried
+
+
+@pytest.mark.asyncio
+async def test_a_new_window_starts_when_the_last_one_ended(mailer: Mailer) -> None:
+    async with two_workers(mailer, signups_per_ip=2) as (a, b):
+        assert [(await sign_up(w, "198.51.100.7")).status_code for w in (a, b, a)] == [
+            200,
+            200,
+            429,
+        ]
+        end_windows(mailer)
+        again = [(await sign_up(w, "198.51.100.7")).status_code for w in (b, a, b)]
+    assert again == [200, 200, 429]  # counted from one again, in a window of its own
+    (row,) = limit_rows(mailer)
+    assert row.attempts == 3
+    left = (as_utc(row.window_ends_at) - utcnow()).total_seconds()
+    assert SIGNUP_WINDOW_SECONDS - 60 < left <= SIGNUP_WINDOW_SECONDS
+
+
+@pytest.mark.asyncio
+async def test_ended_windows_are_deleted_as_the_app_goes(mailer: Mailer) -> None:
+    async with two_workers(mailer, signups_per_ip=2) as (a, _):
+        for host in ("198.51.100.7", "198.51.100.8"):
+            await sign_up(a, host)
+    end_windows(mailer)
+    async with two_workers(mailer, signups_per_ip=2) as (fresh, _):  # a worker starting
+        assert (await sign_up(fresh, "198.51.100.9")).status_code == 200
+    (row,) = limit_rows(mailer)  # only the window still running is left
+    assert as_utc(row.window_ends_at) > utcnow()
+
+
+@pytest.mark.asyncio
+async def test_the_limit_stores_no_address(mailer: Mailer) -> None:
+    hosts = ("198.51.100.7", "2001:db8:1:2::1")
+    async with two_workers(mailer) as (a, _):
+        for host in hosts:
+            assert (await sign_up(a, host)).status_code == 200
+    stored = {row.client for row in limit_rows(mailer)}
+    key = mailer.settings.signup_limit_key
+    keys = [client_key(host) for host in hosts]  # 198.51.100.7, 2001:db8:1:2::/64
+    assert stored == {hmac.new(key, k.encode(), hashlib.sha256).hexdigest() for k in keys}
+    for client in stored:
+        assert len(client) == 64 and set(client) <= set("0123456789abcdef")
+        for text in (*hosts, *keys, "198.51.100", "2001:db8"):
+            assert text not in client
+    # keyed, and not with the suppression key: not comparable with address hashes
+    for k in keys:
+        assert hashlib.sha256(k.encode()).hexdigest() not in stored
+        assert address_hash(k, mailer.settings.suppression_key) not in stored
+
+
+@pytest.mark.asyncio
+async def test_simultaneous_sign_ups_on_two_workers_let_exactly_the_limit_through(
+    mailer: Mailer,
+) -> None:
+    async def ten_at_once(apps: tuple[Starlette, ...], round_: int) -> list[int]:
+        answers = await asyncio.gather(
+            *(sign_up(apps[i % 2], "198.51.100.7", f"p{round_}-{i}@example.org") for i in range(10))
+        )
+        return sorted(a.status_code for a in answers)
+
+    async with two_workers(mailer, signups_per_ip=3) as apps:
+        first = await ten_at_once(apps, 1)  # no row yet: they race to insert it
+        (row,) = limit_rows(mailer)
+        assert row.attempts == 10
+        end_windows(mailer)
+        second = await ten_at_once(apps, 2)  # an ended window: they race to start the next
+    assert first == second == [200] * 3 + [429] * 7
+    assert len(subscriptions(mailer)) == 6
+
+
+@pytest.mark.asyncio
+async def test_a_sign_up_while_the_database_is_down_is_a_503(
+    mailer: Mailer, tmp_path: Path
+) -> None:
+    down = Mailer(
+        load_settings(
+            {
+                "MAILER_DATABASE_URL": f"sqlite:///{tmp_path / 'no' / 'db.sqlite'}",
+                "MAILER_SECRET_KEYS": ",".join(mailer.settings.secret_keys),
+            }
+        )
+    )
+    try:
+        app = app_for(down, MemoryTransport())
+        answer = await sign_up(app, "198.51.100.7")
+        async with client_for(app) as http:
+            page = await http.post("/subscribe", data=signup_form("x@example.org"))
+    finally:
+        down.close()
+    assert (answer.status_code, answer.headers["retry-after"]) == (503, "30")
+    assert answer.json()["error"] == "unavailable"
+    assert page.status_code == 503 and "Traceback" not in page.text
+
+
 @pytest.mark.asyncio
 async def test_the_honeypot_catches_bots_quietly(mailer: Mailer) -> None:
     transport = MemoryTransport()
@@ -463,7 +638,8 @@ async def test_no_body_makes_a_recipient_route_fail(
         p=tokens.sign(TokenKind.PREFERENCES, (delivery_id,)),
     )
     headers = {"content-type": content_type} if content_type else {}
-    async with client_for(app_for(mailer, MemoryTransport())) as http:
+    # no limit: every example is parsed (one database for all of them, and one client)
+    async with client_for(app_for(mailer, MemoryTransport(), signups_per_ip=10**6)) as http:
         answer = await http.post(url, content=body, headers=headers)
     assert answer.status_code < 500, (url, content_type, body, answer.text)
 
@@ -507,18 +683,3 @@ async def test_simultaneous_confirmations_confirm_once(mailer: Mailer) -> None:
         answers = await asyncio.gather(*(http.post(path) for _ in range(5)))
     assert sorted(a.status_code for a in answers) == [200, 409, 409, 409, 409]
     assert len([r for r in ledger(mailer) if r["status"] == "confirmed"]) == 1
-
-
-def test_the_per_ip_limiter_forgets_in_bounded_memory() -> None:
-    now = [0.0]
-    limiter = ClientLimiter(2, 60, max_clients=100, clock=lambda: now[0])
-    assert [limiter.hit("192.0.2.1") for _ in range(3)] == [None, None, 60]
-    assert limiter.hit("::ffff:192.0.2.1") == 60  # the same IPv4 client
-    assert limiter.hit("2001:db8:1:2::1") is None
-    assert limiter.hit("2001:db8:1:2::ffff") is None
-    assert limiter.hit("2001:db8:1:2:abcd::1") == 60  # one /64 is one client
-    now[0] = 61
-    assert limiter.hit("192.0.2.1") is None  # a new window
-    for i in range(10_000):
-        limiter.hit(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}")
-    assert len(limiter) == 100

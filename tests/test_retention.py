@@ -24,6 +24,7 @@ from mailer.models import (
     Erasure,
     Event,
     ImportBatch,
+    SignupLimit,
     Subscription,
     SubscriptionStatus,
     WebhookAttempt,
@@ -33,6 +34,7 @@ from mailer.models import (
     utcnow,
 )
 from mailer.service import CampaignService, Mailer
+from mailer.tracking.pages import SignupLimiter
 from tests.conftest import CliResult
 from tests.smtp_server import CaptureServer
 
@@ -396,3 +398,33 @@ def test_old_outbox_events_go_once_delivered_and_old_dead_letters_go(
         assert (entry.details["outbox_events"], entry.details["dead_letters"]) == (7, 4)
     again = retention.purge(mailer)
     assert (again.outbox_events, again.dead_letters, again.total) == (0, 0, 0)
+
+
+def test_sign_up_limits_whose_window_ended_go(
+    mailer: Mailer, cli: Callable[..., CliResult]
+) -> None:
+    limiter = SignupLimiter(2, 600)
+    for host in ("198.51.100.1", "198.51.100.2", "198.51.100.3", "2001:db8::1", "198.51.100.3"):
+        limiter.hit(mailer, host)
+    table = SignupLimit.__table__  # type: ignore[attr-defined]
+    with mailer.session() as session:
+        session.connection().execute(
+            update(table).where(table.c.attempts == 1).values(window_ends_at=ago(seconds=1))
+        )
+
+    dry = cli("retention", "purge", "--dry-run", "--json")
+    assert dry.exit_code == 0, dry.stderr
+    assert json.loads(dry.stdout)["signup_limits"] == 3
+    done = cli("retention", "purge", "--json", "--batch-size", "2")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["signup_limits"] == 3
+    with mailer.session() as session:
+        (left,) = session.exec(select(SignupLimit)).all()  # the window still running
+        assert left.attempts == 2
+        (entry,) = session.exec(
+            select(AuditEntry).where(AuditEntry.action == "retention.purge")
+        ).all()
+        assert entry.details["signup_limits"] == 3
+    table_output = cli("retention", "purge")
+    assert "sign-up limits whose window ended" in table_output.stdout
+    assert retention.purge(mailer).total == 0

@@ -39,7 +39,7 @@ from mailer.policy import page_notice
 from mailer.service import Mailer
 from mailer.tokens import BadToken, Tokens
 from mailer.tracking.classify import MachineNetworks
-from mailer.tracking.pages import recipient_routes
+from mailer.tracking.pages import SIGNUP_WINDOW_SECONDS, SIGNUPS_PER_IP, recipient_routes
 from mailer.tracking.routes import (
     NO_STORE,
     Click,
@@ -173,6 +173,8 @@ def create_app(
     writer: Literal["thread", "process"] = "thread",
     writer_niceness: int = WRITER_NICENESS,
     writer_idle: bool = WRITER_IDLE,
+    signups_per_ip: int = SIGNUPS_PER_IP,
+    signup_window: float = SIGNUP_WINDOW_SECONDS,
 ) -> TrackingApp:
     """The tracking and recipient app for `mailer` (its settings and database).
 
@@ -185,6 +187,8 @@ def create_app(
     mailer.tracking.writer; an in-memory SQLite database, which no other process can see,
     always uses the thread); `writer_niceness`, how much lower that process's CPU priority is;
     `writer_idle`, whether it runs under SCHED_IDLE (only on CPU time nothing else wants).
+    `signups_per_ip` and `signup_window` (seconds): POST /subscribe's limit per client,
+    counted in the database for every app on it (mailer.tracking.pages.SignupLimiter).
     """
     settings = mailer.settings
     tokens = Tokens(settings.secret_keys)
@@ -226,7 +230,11 @@ def create_app(
         security=security,
         routes=[
             *tracking_routes(pixel, click),
-            *recipient_routes(notice=page_notice(mailer.engine)),
+            *recipient_routes(
+                signups_per_ip=signups_per_ip,
+                signup_window=signup_window,
+                notice=page_notice(mailer.engine),
+            ),
         ],
         middleware=[Middleware(SecurityHeadersMiddleware, headers=security)],
         exception_handlers=dict(EXCEPTION_HANDLERS),

@@ -37,28 +37,29 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import email.utils
+import hashlib
+import hmac
 import logging
 import math
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from ipaddress import ip_address, ip_network
 from typing import Any
 from urllib.parse import parse_qsl
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from mailer import data_copy, recipients
+from mailer import data_copy, queries, recipients
 from mailer.branding import Palette
 from mailer.errors import BadInput, MailerError, NotFound
 from mailer.i18n import LANGUAGE_NAMES, LANGUAGES, Language, Translator, language_or_none, negotiate
-from mailer.models import ConsentMethod
+from mailer.models import ConsentMethod, as_utc, utcnow
 from mailer.service import Mailer
 from mailer.tokens import BadToken, ExpiredToken, TokenKind, Tokens
 
@@ -68,7 +69,6 @@ MAX_FORM_BYTES = 64 * 1024
 MAX_FORM_FIELDS = 64
 SIGNUPS_PER_IP = 10  # per SIGNUP_WINDOW_SECONDS, per IPv4 address or IPv6 /64
 SIGNUP_WINDOW_SECONDS = 600.0
-MAX_TRACKED_CLIENTS = 10_000
 HONEYPOT_FIELD = "website"  # the sign-up form's hidden field: people leave it empty, bots not
 STYLESHEET_PATH = "/assets/pages.css"
 NO_STORE = {"cache-control": "no-store"}
@@ -194,12 +194,18 @@ def client_key(host: str | None) -> str:
     return str(address)
 
 
-class ClientLimiter:
-    """At most `limit` attempts per client in each window of `window` seconds, in bounded memory.
+def client_hash(key: bytes, client: str) -> str:
+    """What signup_limits stores for a client_key: an HMAC, never the address."""
+    return hmac.new(key, client.encode("utf-8"), hashlib.sha256).hexdigest()
 
-    In memory, per process: with N workers a client gets at most N times the limit, which is
-    fine for what it is for (a bot hammering the sign-up form). Beyond `max_clients`, the
-    clients seen least recently are forgotten first.
+
+class SignupLimiter:
+    """At most `limit` attempts per client in each window of `window` seconds, counted in the
+    database (signup_limits, one atomic statement per attempt: mailer.queries.count_signup), so
+    that the limit holds for the client across every worker on every machine.
+
+    Rows whose window has ended are deleted at most once per window per process, by whichever
+    attempt comes first after that; `mailer retention purge` deletes what is left.
     """
 
     def __init__(
@@ -207,34 +213,40 @@ class ClientLimiter:
         limit: int = SIGNUPS_PER_IP,
         window: float = SIGNUP_WINDOW_SECONDS,
         *,
-        max_clients: int = MAX_TRACKED_CLIENTS,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        if limit < 1 or window <= 0 or max_clients < 1:
-            raise ValueError("limit, window and max_clients must be positive")
+        if limit < 1 or window <= 0:
+            raise ValueError("limit and window must be positive")
         self.limit = limit
-        self.window = window
-        self.max_clients = max_clients
+        self.window = timedelta(seconds=window)
         self._clock = clock
-        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._next_clean_up = datetime.min.replace(tzinfo=UTC)
 
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def hit(self, host: str | None) -> int | None:
-        """Count an attempt: None if it is allowed, else the seconds until the next one is."""
-        key = client_key(host)
+    def hit(self, mailer: Mailer, host: str | None) -> int | None:
+        """Count an attempt: None if it is allowed, else the seconds until the next one is.
+        Committed before it returns. Blocks on the database: call it in a worker thread."""
         now = self._clock()
-        start, count = self._seen.pop(key, (now, 0))
-        if now - start >= self.window:
-            start, count = now, 0
-        if count >= self.limit:
-            self._seen[key] = (start, count)
-            return max(1, math.ceil(start + self.window - now))
-        self._seen[key] = (start, count + 1)
-        while len(self._seen) > self.max_clients:
-            self._seen.popitem(last=False)
-        return None
+        client = client_hash(mailer.settings.signup_limit_key, client_key(host))
+        with mailer.engine.begin() as conn:
+            attempts, window_ends_at = conn.execute(
+                queries.count_signup(client, now, now + self.window, conn.dialect.name)
+            ).one()
+        if now >= self._next_clean_up:
+            # Threads of this process may both get here: a second DELETE finds nothing to do.
+            self._next_clean_up = now + self.window
+            self._clean_up(mailer, now)
+        if attempts <= self.limit:
+            return None
+        return max(1, math.ceil((as_utc(window_ends_at) - now).total_seconds()))
+
+    def _clean_up(self, mailer: Mailer, now: datetime) -> None:
+        # Its own transaction, after the attempt's: no row locks held across both. Housekeeping
+        # only, so a failure is logged and the answer stands (retention purge deletes the rest).
+        try:
+            with mailer.engine.begin() as conn:
+                conn.execute(queries.ended_signup_limits(now))
+        except SQLAlchemyError as exc:
+            logger.warning("could not delete ended sign-up limits: %s", exc)
 
 
 # -- the pages ---------------------------------------------------------------------------------
@@ -277,7 +289,7 @@ class RecipientPages:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.limiter = ClientLimiter(signups_per_ip, signup_window)
+        self.limiter = SignupLimiter(signups_per_ip, signup_window)
         self.notice = notice
         self._stylesheets: dict[str, bytes] = {}
 
@@ -470,7 +482,9 @@ class RecipientPages:
 
     async def subscribe(self, request: Request) -> Response:
         mailer, tokens = _state(request)
-        retry_after = self.limiter.hit(request.client.host if request.client else None)
+        retry_after = await run_in_threadpool(
+            self.limiter.hit, mailer, request.client.host if request.client else None
+        )
         if retry_after is not None:
             raise RateLimited(retry_after)
         form = parse_form(request.headers.get("content-type"), await read_body(request))

@@ -10,7 +10,7 @@ every write would pay for one and only the occasional clean-up would use it.
 
 Revision ID: 0010
 Revises: 0009
-Create Date: 2026-12-09
+Create Date: 2026-12-04
 """
 
 from __future__ import annotations

@@ -654,6 +654,16 @@ def start_serve(
     return server, f"http://127.0.0.1:{port}"
 
 
+def stop_serve(server: subprocess.Popen[bytes]) -> bytes:
+    """SIGTERM, as a service manager stops it; what `mailer serve` wrote to standard error."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        return server.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        server.kill()
+        raise
+
+
 @pytest.mark.asyncio
 async def test_mailer_serve_runs_workers_and_writes_every_event_on_shutdown(
     mailer: Mailer,
@@ -677,12 +687,7 @@ async def test_mailer_serve_runs_workers_and_writes_every_event_on_shutdown(
                 assert (pixel.status_code, click.status_code) == (200, 302)
                 requests += 2
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
+        stderr = stop_serve(server)
     assert server.returncode == 0, stderr
     assert event_count(mailer) == requests  # every event written, by the shutdown at the latest
 
@@ -718,12 +723,7 @@ async def test_mailer_serve_writes_hits_while_it_runs_on_uvloop_and_httptools(
             libraries = Path(f"/proc/{server.pid}/maps").read_text()
             assert "/uvloop/loop." in libraries and "/httptools/parser/parser." in libraries
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            _, stderr = server.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            raise
+        stderr = stop_serve(server)
     # a single uvicorn server ends by re-raising the SIGTERM it shut down gracefully for
     assert server.returncode in (0, -signal.SIGTERM), stderr
     assert b"Application shutdown complete" in stderr
